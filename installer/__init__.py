@@ -1,0 +1,16 @@
+"""A stateful Metaflow service and UI on a disposable machine.
+
+    import installer
+    installer.up()          # start everything; returns the stack's status
+    installer.status()
+    installer.down()
+"""
+
+from .api import config, down, log_files, settings, status, token, up
+from .errors import StackError
+
+# Another distribution (PyPA's wheel installer) uses the import name `installer`;
+# this marker lets our entry points tell the two apart.
+IS_METAFLOW_STACK = True
+
+__all__ = ["StackError", "config", "down", "log_files", "settings", "status", "token", "up"]

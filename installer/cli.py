@@ -1,0 +1,133 @@
+"""The command line: parse, call the Python API, render. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import api
+from .errors import StackError
+from .output import Printer
+from .procs import tail
+from .settings import SETTINGS
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (flag > environment variable > default)")
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.parse is bool or setting.name == "no_auth":
+            group.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None,
+                               help=f"{setting.help} [{setting.env}]")
+        else:
+            group.add_argument(flag, dest=setting.name, default=None, metavar=setting.env,
+                               help=f"{setting.help} [{setting.env}]")
+    parent.add_argument("--debug", action="store_true", help="show debug logging and tracebacks")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _settings_parser()
+    parser = argparse.ArgumentParser(prog="python -m installer",
+                                     description="A stateful Metaflow service and UI on a disposable machine.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs.add_parser("up", parents=[common], help="start the stack (pulls images on first use)")
+    verbs.add_parser("down", parents=[common], help="stop the stack cleanly")
+    status = verbs.add_parser("status", parents=[common], help="show each service's state and the URLs")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    logs = verbs.add_parser("logs", parents=[common], help="show a service's log")
+    logs.add_argument("service", nargs="?", help="one service (default: all)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=40, help="lines to show (default 40)")
+    verbs.add_parser("config", parents=[common], help="show every setting and where its value comes from")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+    printer = Printer()
+    try:
+        return _dispatch(args, flags, printer)
+    except StackError as exc:
+        if args.debug:
+            logging.exception("failed")
+        printer.error(exc)
+        return 1
+    except KeyboardInterrupt:
+        printer.line("interrupted")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
+    if args.verb == "up":
+        began = time.monotonic()
+        status = api.up(progress=printer.event, **flags)
+        if not status.already_running:
+            printer.line(f"stack up in {time.monotonic() - began:.1f} s")
+        printer.status(status, token=api.token(**flags))
+        return 0
+    if args.verb == "down":
+        began = time.monotonic()
+        stopped = api.down(progress=printer.event, **flags)
+        printer.line(f"stopped {len(stopped)} service(s) in {time.monotonic() - began:.1f} s"
+                     if stopped else "nothing was running")
+        return 0
+    if args.verb == "status":
+        status = api.status(**flags)
+        if args.json:
+            printer.json(status.to_dict())
+        else:
+            printer.status(status)
+        return 0 if status.running else 3
+    if args.verb == "logs":
+        return _logs(args, flags, printer)
+    if args.verb == "config":
+        for name, value, source in api.config(**flags):
+            printer.line(f"{name:<15} {value:<60} ({source})")
+        return 0
+    raise AssertionError(args.verb)
+
+
+def _logs(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
+    paths = api.log_files(args.service, **flags)
+    for name, path in paths.items():
+        if len(paths) > 1:
+            printer.line(f"==> {name} ({path}) <==")
+        text = tail(path, args.lines)
+        if text:
+            printer.line(text)
+    if args.follow:
+        _follow(paths, printer)
+    return 0
+
+
+def _follow(paths: dict, printer: Printer) -> None:
+    handles = {}
+    for name, path in paths.items():
+        handle = open(path, errors="replace") if path.exists() else None
+        if handle:
+            handle.seek(0, os.SEEK_END)
+        handles[name] = handle
+    prefix = len(paths) > 1
+    while True:
+        quiet = True
+        for name, handle in handles.items():
+            if handle is None:
+                continue
+            for line in handle.readlines():
+                quiet = False
+                printer.line(f"{name}: {line.rstrip()}" if prefix else line.rstrip())
+        if quiet:
+            time.sleep(0.3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

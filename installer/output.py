@@ -1,0 +1,67 @@
+"""Everything the command line prints goes through here.
+
+Verbs return data; these functions turn it into lines for a person (colour only
+on a terminal) or into JSON for a program.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from .errors import StackError
+from .stack import Event, StackStatus
+
+
+class Printer:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.colour = self.stream.isatty()
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.colour else text
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+    def event(self, event: Event) -> None:
+        name = f"{event.step:<11}"
+        if event.seconds is None:
+            if event.message != "starting":
+                self.line(f"  {name} {self._paint(event.message, '2')}")
+            return
+        self.line(f"{self._paint('ok', '32')} {name} {event.message} {self._paint(f'({event.seconds:.1f} s)', '2')}")
+
+    def status(self, status: StackStatus, *, token: str | None = None) -> None:
+        if status.already_running:
+            self.line("The stack is already running.")
+        self.line(f"stack at {status.root}")
+        for row in status.services:
+            health = self._paint("healthy", "32") if row.healthy else self._paint("unhealthy", "31")
+            if row.state != "running":
+                health = self._paint(row.state, "33" if row.state == "stopped" else "31")
+            uptime = f"up {_duration(row.uptime)}" if row.uptime is not None else ""
+            pid = f"pid {row.pid}" if row.pid else ""
+            self.line(f"  {row.name:<11} {health:<9} port {row.port:<6} {pid:<10} {uptime}")
+        if status.schema_version is not None:
+            self.line(f"  schema version {status.schema_version}")
+        if status.running:
+            self.line("")
+            self.line(f"UI:               {status.urls['ui']}" + (f"?token={token}" if token else ""))
+            self.line(f"metadata service: {status.urls['metadata_service']}")
+
+    def json(self, data: Any) -> None:
+        self.line(json.dumps(data, indent=2, default=str))
+
+    def error(self, error: StackError) -> None:
+        print(self._paint("error: ", "31") + str(error), file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

@@ -1,0 +1,218 @@
+"""Containers without Docker: udocker, with its own engine or Debian's proot.
+
+udocker keeps images and containers as plain folders under UDOCKER_DIR and runs
+a container as an ordinary process tree (udocker -> proot -> the guest), so a
+service is a long-lived `udocker run` started detached by the stack. This module
+knows udocker's command line and folder layout; nothing else does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from . import procs
+from .errors import ImageError, RuntimeUnavailable, StackError
+
+Progress = Callable[[str], None]
+
+EXECUTION_MODE = "P1"
+SYSTEM_PROOT = "/usr/bin/proot"
+# Debian's proot 5.1 fails on the `-k <kernel>` option that udocker always passes;
+# this wrapper drops that pair and hands everything else to the real proot.
+_PROOT_WRAPPER = """#!/bin/sh
+# Drops udocker's "-k <kernel>" option, which Debian's proot cannot handle.
+skip=0
+for arg do
+  shift
+  if [ "$skip" = 1 ]; then skip=0; continue; fi
+  if [ "$arg" = "-k" ]; then skip=1; continue; fi
+  set -- "$@" "$arg"
+done
+exec {proot} "$@"
+"""
+_READY_MARK = ".mfstack-ready"
+
+
+@dataclass(frozen=True)
+class Udocker:
+    """udocker, rooted at one folder, with the environment that makes it work here."""
+
+    home: Path
+    engine_env: Mapping[str, str]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"UDOCKER_DIR": str(self.home), "UDOCKER_DEFAULT_EXECUTION_MODE": EXECUTION_MODE,
+                **self.engine_env}
+
+    def command(self, *args: str) -> list[str]:
+        # udocker refuses to run as root (Colab's user) unless told first.
+        return [udocker_executable(), "--allow-root", *args]
+
+    def run(self, *args: str, what: str, hint: str | None = None, timeout: float | None = 600,
+            check: bool = True) -> str:
+        return procs.run(self.command(*args), env=self.env, timeout=timeout, what=what, hint=hint,
+                         check=check).stdout
+
+    # --- images -------------------------------------------------------------
+
+    def has_image(self, ref: str) -> bool:
+        out = self.run("images", what="udocker images", check=False)
+        wanted = _repo_tag(ref)
+        return any(line.split()[0] == wanted for line in out.splitlines()[1:] if line.split())
+
+    def pull(self, ref: str, registry: str | None, progress: Progress) -> bool:
+        """Pull `ref` unless present; True if it was pulled now."""
+        if self.has_image(ref):
+            return False
+        if registry:
+            check_registry(registry)
+        args = ["pull"] + ([f"--registry={registry}"] if registry else []) + [ref]
+        source = registry or "Docker Hub"
+        try:
+            output = procs.stream(self.command(*args), progress, env=self.env, timeout=3600,
+                                  what=f"pulling {ref} from {source}")
+        except StackError as exc:
+            raise ImageError(f"could not pull {ref} from {source}", log_tail=exc.log_tail,
+                             hint=_pull_hint(ref, registry)) from exc
+        if not self.has_image(ref):
+            raise ImageError(f"image {ref} is not in {source}", log_tail=output[-2000:] or None,
+                             hint=_pull_hint(ref, registry))
+        return True
+
+    # --- containers ---------------------------------------------------------
+
+    def container_dir(self, name: str) -> Path:
+        return self.home / "containers" / name
+
+    def container_root(self, name: str) -> Path:
+        """The container's file system as seen from the host."""
+        return self.container_dir(name) / "ROOT"
+
+    def has_container(self, name: str) -> bool:
+        return (self.container_dir(name) / _READY_MARK).exists()
+
+    def ensure_container(self, ref: str, name: str, progress: Progress) -> bool:
+        """Create container `name` from image `ref` unless it exists; True if created now."""
+        if self.has_container(name):
+            return False
+        if self.container_dir(name).exists():
+            # A creation that was interrupted: start again from a clean slate.
+            self.run("rm", "-f", name, what=f"removing the incomplete container {name}", check=False)
+            shutil.rmtree(self.container_dir(name), ignore_errors=True)
+        progress(f"creating container {name} from {ref}")
+        self.run("create", f"--name={name}", ref, what=f"creating container {name}",
+                 hint="check free disk space under UDOCKER_DIR")
+        self.run("setup", f"--execmode={EXECUTION_MODE}", name, what=f"configuring container {name}")
+        (self.container_dir(name) / _READY_MARK).write_text(ref + "\n")
+        return True
+
+    def run_argv(self, container: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 volumes: Sequence[tuple[Path, str]] = (), workdir: str | None = None,
+                 env_file: Path | None = None) -> list[str]:
+        """The command line that runs `argv` inside `container` (for procs.spawn).
+
+        Secrets go in `env_file` (0600) so that they show neither in `ps` nor in logs.
+        """
+        args = ["run", "--nobanner", "--user=root"]
+        if env_file:
+            args.append(f"--env-file={env_file}")
+        if workdir:
+            args.append(f"--workdir={workdir}")
+        for host, guest in volumes:
+            args.append(f"--volume={host}:{guest}")
+        for key, value in (env or {}).items():
+            args.append(f"--env={key}={value}")
+        return self.command(*args, container, *argv)
+
+
+def container_name(service: str, ref: str) -> str:
+    """A container per image: a new image reference gets a fresh container."""
+    digest = hashlib.sha256(ref.encode()).hexdigest()[:10]
+    return f"mfstack-{service}-{digest}"
+
+
+def udocker_executable() -> str:
+    beside = Path(sys.executable).parent / "udocker"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("udocker")
+    if not found:
+        raise RuntimeUnavailable("udocker is not installed",
+                                 hint="pip install udocker (it comes with this package's dependencies)")
+    return found
+
+
+def prepare(udocker_dir: Path, bin_dir: Path, progress: Progress) -> Udocker:
+    """A working udocker: its own engine when it installs, else the system proot."""
+    try:
+        udocker_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeUnavailable(f"cannot create the udocker folder {udocker_dir}: {exc.strerror}",
+                                 hint="set UDOCKER_DIR (or --udocker-dir) to a writable folder on local disk") from exc
+    if os.environ.get("UDOCKER_USE_PROOT_EXECUTABLE"):
+        return Udocker(udocker_dir, {"UDOCKER_USE_PROOT_EXECUTABLE": os.environ["UDOCKER_USE_PROOT_EXECUTABLE"]})
+    own = Udocker(udocker_dir, {})
+    if _own_engine_installed(udocker_dir):
+        return own
+    wrapper = bin_dir / "proot-udocker"
+    if wrapper.exists():
+        # Chosen on an earlier start: do not wait on a download that failed before.
+        return Udocker(udocker_dir, {"UDOCKER_USE_PROOT_EXECUTABLE": str(wrapper), "UDOCKER_TARBALL": ""})
+    progress("installing udocker's engine")
+    done = procs.run(own.command("install"), env=own.env, timeout=300, check=False)
+    if done.returncode == 0 and _own_engine_installed(udocker_dir):
+        return own
+    proot = shutil.which("proot") or (SYSTEM_PROOT if os.path.exists(SYSTEM_PROOT) else None)
+    if not proot:
+        raise RuntimeUnavailable(
+            "udocker's engine could not be installed (no internet?) and no system proot was found",
+            log_tail="\n".join(done.stdout.strip().splitlines()[-5:]) or None,
+            hint="install proot (apt-get install -y proot) or give udocker internet access once")
+    progress(f"udocker's own engine is unavailable; using the system proot ({proot})")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    text = _PROOT_WRAPPER.format(proot=proot)
+    if not wrapper.exists() or wrapper.read_text() != text:
+        tmp = wrapper.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(wrapper)
+    return Udocker(udocker_dir, {"UDOCKER_USE_PROOT_EXECUTABLE": str(wrapper), "UDOCKER_TARBALL": ""})
+
+
+def _own_engine_installed(udocker_dir: Path) -> bool:
+    return any((udocker_dir / "bin").glob("proot-*"))
+
+
+def check_registry(registry: str) -> None:
+    """Fail early, and clearly, when a custom registry does not answer."""
+    try:
+        answer = requests.get(f"{registry}/v2/", timeout=5)
+    except requests.RequestException as exc:
+        raise ImageError(f"the registry {registry} is not answering ({type(exc).__name__})",
+                         hint="start it (scripts/local_registry.sh start) or check --registry") from exc
+    if answer.status_code not in (200, 401):
+        raise ImageError(f"{registry} does not look like an image registry (HTTP {answer.status_code} on /v2/)",
+                         hint="check --registry")
+
+
+def _repo_tag(ref: str) -> str:
+    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
+    if "/" not in name:
+        name = f"library/{name}"
+    return f"{name}:{tag}"
+
+
+def _pull_hint(ref: str, registry: str | None) -> str:
+    if registry:
+        return (f"check that {ref} was pushed to {registry} "
+                "(scripts/build_images.sh builds and pushes the local images)")
+    return "check the image reference and the internet connection, or use --registry with a mirror"

@@ -1,0 +1,244 @@
+"""The one place that knows the stack's services, as data.
+
+Each Service says what runs (image and command, or a host command), with which
+environment, on which port, how to tell it is healthy, how to stop it cleanly,
+and what to do once it is up. `define()` lists them in start order; `down`
+walks the list backwards.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runtime import Udocker, container_name
+from .settings import Settings
+
+PG_GUEST_DATA = "/var/lib/postgresql/data"
+PG_BIN = "/usr/lib/postgresql/15/bin"
+DB_NAME = "metaflow"
+DB_USER = "postgres"
+SERVICE_PYTHON = "/opt/latest/bin/python3"
+UI_BUNDLE_IN_IMAGE = "root/services/ui_backend_service/ui"
+
+# PostgreSQL settings: loopback only, WAL kept usable for base backups (snapshots),
+# and sized for a small notebook VM.
+PG_SETTINGS: Mapping[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",
+    "wal_level": "replica",
+    "max_wal_senders": "2",
+    "wal_keep_size": "256MB",
+    "full_page_writes": "on",
+    "shared_buffers": "128MB",
+    "max_connections": "60",
+    "password_encryption": "scram-sha-256",
+}
+
+# The UI backend's defaults (16/16/8 cache workers) are meant for a large server.
+UI_BACKEND_TUNING: Mapping[str, str] = {
+    "CACHE_ARTIFACT_MAX_ACTIONS": "1",
+    "CACHE_DAG_MAX_ACTIONS": "1",
+    "CACHE_LOG_MAX_ACTIONS": "1",
+    "CACHE_ARTIFACT_STORAGE_LIMIT": "256000000",
+    "CACHE_DAG_STORAGE_LIMIT": "64000000",
+    "CACHE_LOG_STORAGE_LIMIT": "64000000",
+    "PREFETCH_RUNS_LIMIT": "1",
+    "MF_METADATA_DB_POOL_MIN": "1",
+    "MF_METADATA_DB_POOL_MAX": "4",
+}
+
+
+class StopPolicy(enum.Enum):
+    """How a service is stopped without leaving anything behind (see upstream-facts: udocker)."""
+
+    POSTMASTER = "SIGINT to the postmaster named in postmaster.pid"
+    GUEST_TERM = "SIGTERM to the guest process itself, never to udocker"
+    GUEST_KILL = "SIGSTOP then SIGKILL every guest process of the group"
+    HOST_TERM = "SIGTERM to the process group, then SIGKILL"
+
+
+@dataclass(frozen=True)
+class Health:
+    """How to ask a service whether it is ready: a PostgreSQL query or an HTTP GET."""
+
+    kind: str  # "postgres" or "http"
+    target: str  # a DSN or a URL
+    expect: str = ""  # for http: a substring the body must contain
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    title: str
+    port: int
+    argv: tuple[str, ...]
+    health: Health
+    stop: StopPolicy
+    image: str | None = None
+    container: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    guest_marker: str | None = None
+    secret_env: Mapping[str, str] = field(default_factory=dict)  # written to env_file, never to argv
+    env_file: Path | None = None
+    host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
+    restart: bool = False
+    on_ready: Callable[[Progress], str | None] | None = None
+
+    @property
+    def in_container(self) -> bool:
+        return self.container is not None
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Secrets:
+    db_password: str
+    token_file: Path
+
+
+def dsn(settings: Settings, password: str, dbname: str = DB_NAME) -> str:
+    return (f"host=127.0.0.1 port={settings.db_port} user={DB_USER} password={password} "
+            f"dbname={dbname} connect_timeout=5")
+
+
+def service_container(settings: Settings) -> str:
+    return container_name("service", settings.service_image)
+
+
+def postgres_container(settings: Settings) -> str:
+    return container_name("postgres", settings.postgres_image)
+
+
+def ui_bundle_dir(settings: Settings, udocker: Udocker) -> Path:
+    return udocker.container_root(service_container(settings)) / UI_BUNDLE_IN_IMAGE
+
+
+def migrations_dir(settings: Settings, udocker: Udocker) -> Path:
+    from .schema import MIGRATIONS_IN_IMAGE
+
+    return udocker.container_root(service_container(settings)) / MIGRATIONS_IN_IMAGE
+
+
+def _postgres_script() -> str:
+    """Start-up script run inside the PostgreSQL container: first start creates the cluster."""
+    flags = " ".join(f"-c {key}='{value}'" for key, value in PG_SETTINGS.items())
+    return (
+        "set -e\n"
+        f"mkdir -p {PG_GUEST_DATA}\n"
+        # Files restored from a snapshot, or a folder created by the host, belong to the host user.
+        f"chown -R postgres:postgres {PG_GUEST_DATA}\n"
+        f"chmod 700 {PG_GUEST_DATA}\n"
+        f"if [ ! -s {PG_GUEST_DATA}/PG_VERSION ]; then\n"
+        "  umask 077\n"
+        '  printf "%s" "$MFSTACK_DB_PASSWORD" > /tmp/.mfstack-pw\n'
+        "  chown postgres /tmp/.mfstack-pw\n"
+        f"  runuser -u postgres -- {PG_BIN}/initdb -D {PG_GUEST_DATA} -U {DB_USER} --pwfile=/tmp/.mfstack-pw "
+        "--auth=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8\n"
+        "  rm -f /tmp/.mfstack-pw\n"
+        "fi\n"
+        "unset MFSTACK_DB_PASSWORD\n"
+        f"exec runuser -u postgres -- {PG_BIN}/postgres -D {PG_GUEST_DATA} -c port=$MFSTACK_DB_PORT {flags}\n"
+    )
+
+
+def _database_env(settings: Settings) -> dict[str, str]:
+    return {
+        "MF_METADATA_DB_HOST": "127.0.0.1",
+        "MF_METADATA_DB_PORT": str(settings.db_port),
+        "MF_METADATA_DB_USER": DB_USER,
+        "MF_METADATA_DB_NAME": DB_NAME,
+    }
+
+
+def define(settings: Settings, udocker: Udocker, secrets: Secrets,
+           prepare_database: Callable[[Progress], str | None]) -> list[Service]:
+    """The stack, in start order."""
+    service_box = service_container(settings)
+    datastore = str(settings.datastore_dir)
+    ui_cache = settings.root / "cache" / "ui-backend"
+    pg_env_file = settings.secrets_dir / "postgres.env"
+    db_env_file = settings.secrets_dir / "service-db.env"
+    db_secret = {"MF_METADATA_DB_PSWD": secrets.db_password}
+    postgres = Service(
+        name="postgres",
+        title="PostgreSQL",
+        port=settings.db_port,
+        image=settings.postgres_image,
+        container=postgres_container(settings),
+        argv=tuple(udocker.run_argv(
+            postgres_container(settings), ["/bin/bash", "-c", _postgres_script()],
+            env={"MFSTACK_DB_PORT": str(settings.db_port)}, env_file=pg_env_file,
+            volumes=[(settings.pgdata_dir, PG_GUEST_DATA)])),
+        secret_env={"MFSTACK_DB_PASSWORD": secrets.db_password},
+        env_file=pg_env_file,
+        host_dirs=(settings.pgdata_dir,),
+        health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres")),
+        stop=StopPolicy.POSTMASTER,
+        on_ready=prepare_database,
+    )
+    metadata = Service(
+        name="metadata",
+        title="metadata service",
+        port=settings.metadata_port,
+        image=settings.service_image,
+        container=service_box,
+        argv=tuple(udocker.run_argv(
+            service_box, [SERVICE_PYTHON, "-m", "services.metadata_service.server"],
+            env={**_database_env(settings), "MF_METADATA_HOST": "127.0.0.1",
+                 "MF_METADATA_PORT": str(settings.metadata_port)}, env_file=db_env_file,
+            volumes=[(settings.datastore_dir, datastore)], workdir="/root")),
+        secret_env=db_secret,
+        env_file=db_env_file,
+        host_dirs=(settings.datastore_dir,),
+        health=Health("http", f"http://127.0.0.1:{settings.metadata_port}/ping", expect="pong"),
+        stop=StopPolicy.GUEST_TERM,
+        guest_marker="services.metadata_service.server",
+    )
+    ui_backend = Service(
+        name="ui-backend",
+        title="UI backend",
+        port=settings.ui_port,
+        image=settings.service_image,
+        container=service_box,
+        argv=tuple(udocker.run_argv(
+            service_box, ["/bin/sh", "-c",
+                          f"mkdir -p {ui_cache} && cd {ui_cache} && "
+                          f"exec {SERVICE_PYTHON} -m services.ui_backend_service.ui_server"],
+            env={**_database_env(settings), **UI_BACKEND_TUNING,
+                 "MF_UI_METADATA_HOST": "127.0.0.1", "MF_UI_METADATA_PORT": str(settings.ui_port),
+                 "PATH_PREFIX": "/api", "UI_ENABLED": "0",
+                 "METAFLOW_CLIENT_CACHE_PATH": f"{ui_cache}/metaflow_client",
+                 "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
+                 "PYTHONPATH": "/root",
+                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=db_env_file,
+            volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache))])),
+        secret_env=db_secret,
+        env_file=db_env_file,
+        host_dirs=(settings.datastore_dir, ui_cache),
+        health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
+        stop=StopPolicy.GUEST_KILL,
+    )
+    proxy_argv = [sys.executable, "-m", "installer.proxy",
+                  "--listen-host", settings.bind, "--listen-port", str(settings.port),
+                  "--metadata-url", f"http://127.0.0.1:{settings.metadata_port}",
+                  "--ui-backend-url", f"http://127.0.0.1:{settings.ui_port}",
+                  "--static-dir", str(ui_bundle_dir(settings, udocker)),
+                  "--token-file", str(secrets.token_file)]
+    if settings.no_auth:
+        proxy_argv.append("--no-auth")
+    proxy = Service(
+        name="proxy",
+        title="entry point (reverse proxy)",
+        port=settings.port,
+        argv=tuple(proxy_argv),
+        health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
+        stop=StopPolicy.HOST_TERM,
+        restart=True,
+    )
+    return [postgres, metadata, ui_backend, proxy]

@@ -1,0 +1,190 @@
+"""The one place that reads settings: flags > environment > defaults.
+
+Each setting is declared once in SETTINGS (name, environment variable, default,
+help); the CLI builds its flags from the same table, and `installer config`
+shows every resolved value with where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    env: str
+    help: str
+    default: Callable[[dict[str, Any]], Any]
+    parse: Callable[[str], Any] = str
+    flag: bool = True  # exposed as --name on the CLI
+
+
+def _path(value: str) -> Path:
+    return Path(value).expanduser().resolve()
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port out of range: {port}", hint="use a number between 1024 and 65535")
+    return port
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a yes/no value: {value!r}")
+
+
+def production_images() -> dict[str, str]:
+    """The pinned image references, from images/production.json (shipped inside the wheel too)."""
+    for candidate in (PACKAGE_DIR / "production_images.json", PACKAGE_DIR.parent / "images" / "production.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise ConfigError("the pinned image list (images/production.json) is missing from this installation",
+                      hint="reinstall the package, or set MF_POSTGRES_IMAGE and MF_SERVICE_IMAGE")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("root", "MF_ROOT", "folder that holds everything: state, logs, datastore, snapshots",
+            lambda s: _path("~/metaflow-stack"), _path),
+    Setting("pgdata_dir", "PGDATA_DIR", "PostgreSQL data folder (keep it on local disk, not on Drive)",
+            lambda s: s["root"] / "pgdata", _path),
+    Setting("port", "MF_PORT", "port of the stack's single entry point (the reverse proxy)",
+            lambda s: 7860, _port),
+    Setting("bind", "MF_BIND", "address the entry point listens on",
+            lambda s: "127.0.0.1"),
+    Setting("postgres_image", "MF_POSTGRES_IMAGE", "PostgreSQL 15 image reference",
+            lambda s: production_images()["postgres"]),
+    Setting("service_image", "MF_SERVICE_IMAGE", "Metaflow service image reference",
+            lambda s: production_images()["service"]),
+    Setting("registry", "MF_REGISTRY", "pull images from this registry instead of Docker Hub (e.g. http://127.0.0.1:5000)",
+            lambda s: None),
+    Setting("udocker_dir", "UDOCKER_DIR", "udocker's folder: images and containers (several GB; local disk)",
+            lambda s: _path("~/.udocker"), _path),
+    Setting("metadata_port", "MF_METADATA_PORT", "metadata service port (loopback only)",
+            lambda s: 8080, _port),
+    Setting("ui_port", "MF_UI_METADATA_PORT", "UI backend port (loopback only)",
+            lambda s: 8083, _port),
+    Setting("db_port", "MF_DB_PORT", "PostgreSQL port (loopback only)",
+            lambda s: 5432, _port),
+    Setting("token", "MF_TOKEN", "access token for the entry point (default: generated on first `up`)",
+            lambda s: None),
+    Setting("no_auth", "MF_NO_AUTH", "serve without access control (only for a stack bound to localhost)",
+            lambda s: False, _flag),
+    Setting("snapshot_dir", "MF_SNAPSHOT_DIR", "where snapshots are published (Google Drive on Colab)",
+            lambda s: s["root"] / "snapshots", _path),
+    Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
+            lambda s: 120.0, float),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    pgdata_dir: Path
+    port: int
+    bind: str
+    postgres_image: str
+    service_image: str
+    registry: str | None
+    udocker_dir: Path
+    metadata_port: int
+    ui_port: int
+    db_port: int
+    token: str | None
+    no_auth: bool
+    snapshot_dir: Path
+    start_timeout: float
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    # Folders derived from root; one definition each.
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def datastore_dir(self) -> Path:
+        return self.root / "datastore"
+
+    def log_path(self, service: str) -> Path:
+        return self.logs_dir / f"{service}.log"
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(name, value, source) for every setting, for `installer config`."""
+        rows = []
+        for item in fields(self):
+            if item.name == "sources":
+                continue
+            value = getattr(self, item.name)
+            if item.name == "token" and value:
+                value = "***"
+            rows.append((item.name, "" if value is None else str(value), self.sources.get(item.name, "")))
+        return rows
+
+
+def resolve(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve every setting: an explicit flag wins, then the environment, then the default."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown = set(flags) - set(_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in SETTINGS:
+        if setting.name in flags:
+            raw = flags[setting.name]
+            values[setting.name] = setting.parse(raw) if isinstance(raw, str) else raw
+            sources[setting.name] = "flag"
+        elif environ.get(setting.env):
+            try:
+                values[setting.name] = setting.parse(environ[setting.env])
+            except ConfigError as exc:
+                raise ConfigError(f"{setting.env}: {exc.message}", hint=exc.hint) from None
+            sources[setting.name] = f"env {setting.env}"
+        else:
+            values[setting.name] = setting.default(values)
+            sources[setting.name] = "default"
+    if values["registry"]:
+        values["registry"] = _normalise_registry(values["registry"])
+    ports = {name: values[name] for name in ("port", "metadata_port", "ui_port", "db_port")}
+    if len(set(ports.values())) != len(ports):
+        raise ConfigError(f"two services share a port: {ports}", hint="give each service its own port")
+    return Settings(**values, sources=sources)
+
+
+def _normalise_registry(url: str) -> str:
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "https://" + url
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"registry URL must start with http:// or https://: {url}")
+    return url

@@ -1,0 +1,430 @@
+"""Bringing the stack up and down, and reporting on it.
+
+`up` returns once every service is healthy (it must: a notebook cell waits on
+it), so what is running is recorded on disk, one small JSON file a service
+under MF_ROOT/state, and `down`, `status` and `logs` work from any process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psycopg
+import requests
+
+from . import procs, runtime, schema
+from .errors import ConfigError, PortInUse, ServiceFailed, StackBusy, StackError
+from .secrets import read_or_create_secret
+from .services import (DB_NAME, Health, Progress, Secrets, Service, StopPolicy, define, dsn, migrations_dir)
+from .settings import Settings
+
+# Free space wanted before pulling: the three unpacked images measured 2.6 GB.
+PULL_SPACE_BYTES = 3 * 1024**3
+STOP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of progress: a step starting (seconds None) or finished (seconds set)."""
+
+    step: str
+    message: str
+    seconds: float | None = None
+
+
+Reporter = Callable[[Event], None]
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    title: str
+    state: str  # running, stopped, dead
+    pid: int | None
+    port: int
+    healthy: bool
+    uptime: float | None
+    log: str
+
+
+@dataclass
+class StackStatus:
+    root: str
+    services: list[ServiceStatus]
+    schema_version: int | None
+    urls: dict[str, str]
+    already_running: bool = False
+    steps: list[dict] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.services) and all(s.state == "running" and s.healthy for s in self.services)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "running": self.running}
+
+
+# --- context -------------------------------------------------------------------
+
+
+@dataclass
+class _Stack:
+    settings: Settings
+    udocker: runtime.Udocker
+    secrets: Secrets
+    services: list[Service]
+
+
+def _secrets(settings: Settings) -> Secrets:
+    return Secrets(db_password=read_or_create_secret(settings.secrets_dir / "db_password"),
+                   token_file=settings.secrets_dir / "token")
+
+
+def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
+    udocker = runtime.prepare(settings.udocker_dir, settings.root / "bin", progress)
+    secrets = _secrets(settings)
+
+    def prepare_database(step_progress: Progress) -> str:
+        _ensure_database(settings, secrets.db_password)
+        report = schema.apply(dsn(settings, secrets.db_password), migrations_dir(settings, udocker), step_progress)
+        applied = f"applied {len(report.applied)} migration(s)" if report.applied else "up to date"
+        return f"schema version {report.version} ({applied})"
+
+    return _Stack(settings, udocker, secrets, define(settings, udocker, secrets, prepare_database))
+
+
+def _ensure_database(settings: Settings, password: str) -> None:
+    with psycopg.connect(dsn(settings, password, dbname="postgres"), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+
+
+@contextlib.contextmanager
+def _lock(settings: Settings, verb: str) -> Iterator[None]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.state_dir / "stack.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StackBusy(f"another command is already working on this stack ({holder})",
+                            hint="wait for it to finish, then try again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`{verb}`, pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- recorded state ------------------------------------------------------------
+
+
+def _state_file(settings: Settings, name: str) -> Path:
+    return settings.state_dir / f"{name}.json"
+
+
+def _recorded(settings: Settings, name: str) -> dict | None:
+    try:
+        return json.loads(_state_file(settings, name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _record(settings: Settings, service: Service, pid: int) -> None:
+    info = procs.proc_info(pid)
+    data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None}
+    tmp = _state_file(settings, service.name).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(_state_file(settings, service.name))
+
+
+def _live_pid(settings: Settings, name: str) -> int | None:
+    """The recorded pid if that very process still runs (not a recycled pid)."""
+    data = _recorded(settings, name)
+    if not data:
+        return None
+    info = procs.proc_info(int(data["pid"]))
+    if info is None or (data.get("start_ticks") is not None and info.start_ticks != data["start_ticks"]):
+        return None
+    return info.pid
+
+
+def healthy(check: Health, timeout: float = 3.0) -> bool:
+    try:
+        if check.kind == "postgres":
+            with psycopg.connect(check.target, connect_timeout=max(1, int(timeout))) as conn:
+                conn.execute("SELECT 1")
+            return True
+        answer = requests.get(check.target, timeout=timeout)
+        return answer.ok and check.expect in answer.text
+    except (psycopg.Error, requests.RequestException):
+        return False
+
+
+# --- up ------------------------------------------------------------------------
+
+
+def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
+    """Start whatever is not running, in order, each confirmed healthy before the next."""
+    _check_root(settings)
+    with _lock(settings, "up"):
+        if _all_running(settings):
+            status = _status(settings, _load(settings))
+            status.already_running = True
+            return status
+        steps: list[dict] = []
+
+        def step(name: str, action: Callable[[Progress], str | None]) -> None:
+            report(Event(name, "starting"))
+            began = time.monotonic()
+            detail = action(lambda line: report(Event(name, line)))
+            seconds = time.monotonic() - began
+            steps.append({"step": name, "seconds": round(seconds, 2), "detail": detail or ""})
+            report(Event(name, detail or "done", seconds))
+
+        holder: dict[str, _Stack] = {}
+        step("runtime", lambda p: _prepare_runtime(settings, holder, p))
+        stack = holder["stack"]
+        step("images", lambda p: _pull_images(stack, p))
+        for service in stack.services:
+            step(service.name, lambda p, s=service: _start(stack, s, p))
+        status = _status(settings, stack)
+        status.steps = steps
+        return status
+
+
+def _prepare_runtime(settings: Settings, holder: dict, progress: Progress) -> str:
+    holder["stack"] = stack = _load(settings, progress)
+    engine = "system proot" if "UDOCKER_USE_PROOT_EXECUTABLE" in stack.udocker.engine_env else "udocker engine"
+    return f"udocker ready ({engine})"
+
+
+def _check_root(settings: Settings) -> None:
+    for folder in (settings.root, settings.pgdata_dir.parent):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"{folder} is not writable: {exc.strerror}",
+                              hint="choose another folder with MF_ROOT / PGDATA_DIR (or --root / --pgdata-dir)") from exc
+    for sub in (settings.logs_dir, settings.state_dir, settings.secrets_dir, settings.datastore_dir):
+        sub.mkdir(parents=True, exist_ok=True)
+    settings.secrets_dir.chmod(0o700)
+
+
+def _pull_images(stack: _Stack, progress: Progress) -> str:
+    refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
+    missing = [ref for ref in refs if not stack.udocker.has_image(ref)]
+    if missing:
+        _check_space(stack.settings.udocker_dir, PULL_SPACE_BYTES, "pulling images")
+    pulled = [ref for ref in missing if stack.udocker.pull(ref, stack.settings.registry, progress)]
+    created = 0
+    for service in stack.services:
+        if service.container and service.image:
+            created += stack.udocker.ensure_container(service.image, service.container, progress)
+    parts = [f"pulled {len(pulled)}" if pulled else "nothing to pull"]
+    if created:
+        parts.append(f"created {created} container(s)")
+    return ", ".join(parts)
+
+
+def _check_space(folder: Path, needed: int, doing: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StackError(f"not enough free disk space for {doing}: {free / 1e9:.1f} GB free under {folder}, "
+                         f"about {needed / 1e9:.1f} GB needed", hint="free some space or point UDOCKER_DIR elsewhere")
+
+
+def _start(stack: _Stack, service: Service, progress: Progress) -> str | None:
+    settings = stack.settings
+    pid = _live_pid(settings, service.name)
+    if pid is not None and healthy(service.health):
+        detail = "already running"
+    else:
+        if pid is not None:
+            progress(f"pid {pid} is not healthy; restarting it")
+            _stop(stack, service, pid)
+        _check_port(service)
+        _prepare_files(service)
+        log_path = settings.log_path(service.name)
+        pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
+        _record(settings, service, pid)
+        _wait_healthy(settings, service, pid, log_path)
+        detail = f"healthy on port {service.port} (pid {pid})"
+    if service.on_ready:
+        extra = service.on_ready(progress)
+        if extra:
+            detail = f"{detail}; {extra}"
+    return detail
+
+
+def _prepare_files(service: Service) -> None:
+    for folder in service.host_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    if service.env_file:
+        text = "".join(f"{key}={value}\n" for key, value in service.secret_env.items())
+        tmp = service.env_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        tmp.replace(service.env_file)
+
+
+def _check_port(service: Service) -> None:
+    holder = procs.listener_of(service.port)
+    if holder is None:
+        return
+    pid, command = holder
+    who = f"pid {pid} ({command[:120]})" if pid else command
+    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}",
+                    hint=f"stop that process, or give the {service.title} another port (see `installer config`)")
+
+
+def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path) -> None:
+    deadline = time.monotonic() + settings.start_timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if healthy(service.health, timeout=2.0):
+            return
+        if not procs.alive(pid):
+            procs.wait_gone([pid], 0)
+            raise ServiceFailed(f"the {service.title} exited during start-up", log=log_path,
+                                log_tail=procs.tail(log_path),
+                                hint=f"read {log_path}; `installer logs {service.name}` shows it too")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    raise ServiceFailed(f"the {service.title} did not become healthy within {settings.start_timeout:.0f} s",
+                        log=log_path, log_tail=procs.tail(log_path),
+                        hint="it is left running for inspection; `installer down` stops it")
+
+
+def _all_running(settings: Settings) -> bool:
+    names = ("postgres", "metadata", "ui-backend", "proxy")
+    return all(_live_pid(settings, name) is not None for name in names) and _proxy_healthy(settings)
+
+
+def _proxy_healthy(settings: Settings) -> bool:
+    return healthy(Health("http", f"http://127.0.0.1:{settings.port}/healthz", "ok"))
+
+
+# --- down ----------------------------------------------------------------------
+
+
+def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
+    """Stop every service in reverse order; verify that nothing of the stack is left running."""
+    with _lock(settings, "down"):
+        stack = _load(settings)
+        stopped = []
+        for service in reversed(stack.services):
+            pid = _live_pid(settings, service.name)
+            if pid is None:
+                _state_file(settings, service.name).unlink(missing_ok=True)
+                continue
+            report(Event(service.name, "stopping"))
+            began = time.monotonic()
+            _stop(stack, service, pid)
+            _state_file(settings, service.name).unlink(missing_ok=True)
+            stopped.append(service.name)
+            report(Event(service.name, "stopped", time.monotonic() - began))
+        return stopped
+
+
+def _stop(stack: _Stack, service: Service, pid: int) -> None:
+    """Stop one service the way that works for it, then prove nothing of it is left."""
+    members = [pid] + [p.pid for p in procs.descendants(pid)]
+    if service.stop is StopPolicy.HOST_TERM:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    elif service.stop is StopPolicy.POSTMASTER:
+        postmaster = _postmaster_pid(stack.settings.pgdata_dir)
+        if postmaster is not None:
+            procs.send(postmaster, signal.SIGINT)
+            procs.wait_gone([postmaster], STOP_TIMEOUT)
+    elif service.stop is StopPolicy.GUEST_TERM:
+        guests = [p.pid for p in procs.descendants(pid) if service.guest_marker in p.command
+                  and not _is_runtime_process(p)]
+        for guest in guests:
+            procs.send(guest, signal.SIGTERM)
+        procs.wait_gone(guests, STOP_TIMEOUT)
+    elif service.stop is StopPolicy.GUEST_KILL:
+        # It ignores SIGTERM; stop every guest first so no worker is re-spawned, then kill them.
+        guests = [p.pid for p in procs.descendants(pid) if not _is_runtime_process(p)]
+        for guest in guests:
+            procs.send(guest, signal.SIGSTOP)
+        procs.kill_tree(guests)
+    # udocker exits by itself once its guest is gone; give it a moment, then make sure.
+    left = procs.wait_gone(members, 5.0)
+    if left:
+        left = procs.kill_tree(left)
+    if left:
+        raise ServiceFailed(f"could not stop the {service.title}: processes {left} are still running",
+                            hint="stop them by hand (kill -9) and run `installer down` again")
+
+
+def _is_runtime_process(info: procs.ProcInfo) -> bool:
+    head = " ".join(info.cmdline[:2])
+    return "udocker" in head or "proot" in (info.cmdline[0] if info.cmdline else "")
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        first = (pgdata / "postmaster.pid").read_text().splitlines()[0]
+        pid = int(first)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if procs.alive(pid) else None
+
+
+# --- status --------------------------------------------------------------------
+
+
+def status(settings: Settings) -> StackStatus:
+    return _status(settings, _load(settings))
+
+
+def _status(settings: Settings, stack: _Stack) -> StackStatus:
+    rows = []
+    for service in stack.services:
+        pid = _live_pid(settings, service.name)
+        data = _recorded(settings, service.name)
+        if pid is not None:
+            state = "running"
+        elif data is not None:
+            state = "dead"
+        else:
+            state = "stopped"
+        is_healthy = pid is not None and healthy(service.health, timeout=2.0)
+        uptime = time.time() - data["started"] if pid is not None and data else None
+        rows.append(ServiceStatus(service.name, service.title, state, pid, service.port, is_healthy,
+                                  None if uptime is None else round(uptime, 1),
+                                  str(settings.log_path(service.name))))
+    version = None
+    if rows and rows[0].healthy:
+        with contextlib.suppress(psycopg.Error):
+            with psycopg.connect(dsn(settings, stack.secrets.db_password)) as conn:
+                version = schema.current_version(conn)
+    base = f"http://127.0.0.1:{settings.port}"
+    urls = {"ui": f"{base}/", "metadata_service": f"{base}/service", "ui_backend": f"{base}/api"}
+    return StackStatus(str(settings.root), rows, version, urls)
+
+
+def service_names(settings: Settings) -> list[str]:
+    return [s.name for s in _load(settings).services]

@@ -1,0 +1,83 @@
+"""Shared fixtures: a clean environment for every test, the local registry, a stack on free ports.
+
+The offline stack uses images built from images/ and served by a real registry
+on 127.0.0.1 (scripts/build_images.sh). The service image there is a TEST
+image that plays the part of netflixoss/metaflow_metadata_service with the same
+contract (commands, ports, paths, environment); see images/service-standin/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY = os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000")
+TEST_IMAGES = json.loads((REPO / "images" / "test.json").read_text())
+# Pulled images are shared between tests (pulling is tested once, on an empty folder).
+SHARED_UDOCKER_DIR = Path(os.environ.get("MFSTACK_TEST_UDOCKER_DIR", "/var/tmp/mfstack-test-udocker"))
+
+_SETTING_VARS = ("MF_ROOT", "PGDATA_DIR", "MF_PORT", "MF_BIND", "MF_POSTGRES_IMAGE", "MF_SERVICE_IMAGE",
+                 "MF_REGISTRY", "UDOCKER_DIR", "MF_METADATA_PORT", "MF_UI_METADATA_PORT", "MF_DB_PORT",
+                 "MF_TOKEN", "MF_NO_AUTH", "MF_SNAPSHOT_DIR", "MF_START_TIMEOUT", "METAFLOW_PROFILE",
+                 "METAFLOW_SERVICE_URL", "METAFLOW_DEFAULT_METADATA", "METAFLOW_SERVICE_AUTH_KEY",
+                 "UDOCKER_USE_PROOT_EXECUTABLE")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting leaks in from the developer's shell."""
+    for name in _SETTING_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def registry() -> str:
+    """The local registry with the project's images; fails loudly when it is not there."""
+    try:
+        catalog = requests.get(f"{REGISTRY}/v2/_catalog", timeout=5).json()
+    except (requests.RequestException, ValueError) as exc:
+        pytest.fail(f"the local registry {REGISTRY} is not answering ({exc}); "
+                    "run scripts/build_images.sh (scripts/test.sh does it for you)")
+    for ref in TEST_IMAGES.values():
+        name = ref.split(":")[0]
+        if name not in catalog.get("repositories", []):
+            pytest.fail(f"{ref} is not in the local registry; run scripts/build_images.sh")
+    return REGISTRY
+
+
+def stack_flags(root: Path, registry: str, udocker_dir: Path = SHARED_UDOCKER_DIR) -> dict:
+    return {
+        "root": str(root),
+        "udocker_dir": str(udocker_dir),
+        "registry": registry,
+        "postgres_image": TEST_IMAGES["postgres"],
+        "service_image": TEST_IMAGES["service"],
+        "port": str(free_port()),
+        "metadata_port": str(free_port()),
+        "ui_port": str(free_port()),
+        "db_port": str(free_port()),
+        "start_timeout": "90",
+    }
+
+
+@pytest.fixture
+def stack(tmp_path: Path, registry: str) -> Iterator[dict]:
+    """Settings for a stack of our own on free ports; whatever it started is stopped afterwards."""
+    import installer
+
+    flags = stack_flags(tmp_path / "root", registry)
+    yield flags
+    installer.down(**flags)
