@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from . import stack
-from .errors import ConfigError
-from .secrets import read_or_create_secret, write_secret
+from .connect import ConnectResult
+from .connect import connect as _connect
+from .connection import format_connection, read_connection_file, write_connection_file
+from .errors import ConfigError, StackError
+from .secrets import read_or_create_secret, rotate_secret, write_secret
 from .settings import Settings, resolve
 
 Progress = Callable[[stack.Event], None]
@@ -45,6 +48,33 @@ def token(**flags: Any) -> str | None:
     if resolved.no_auth:
         return None
     return read_or_create_secret(resolved.secrets_dir / "token")
+
+
+def connection(**flags: Any) -> str:
+    """The one line (URL and token) a browser or another notebook needs to reach the stack."""
+    resolved = resolve(flags)
+    saved = read_connection_file(resolved.root)
+    if not saved:
+        raise StackError("this stack has no connection details yet", hint="run `up` first")
+    return saved["connection_string"]
+
+
+def rotate_token(**flags: Any) -> str:
+    """Replace the access token; browsers and notebooks must use the new connection string."""
+    resolved = resolve(flags)
+    if resolved.no_auth:
+        raise ConfigError("access control is off (--no-auth): there is no token to rotate")
+    new = rotate_secret(resolved.secrets_dir / "token")
+    saved = read_connection_file(resolved.root)
+    if saved:
+        write_connection_file(resolved.root, saved["url"], new, {"tunnel": saved.get("tunnel", False)})
+    return format_connection(saved["url"] if saved else f"http://127.0.0.1:{resolved.port}", new)
+
+
+def connect(connection: str | None = None, *, url: str | None = None, token: str | None = None,
+            profile: str | None = None, root: str | Path | None = None, **options: Any) -> ConnectResult:
+    """Point the Metaflow client of this machine at a stack (see installer.connect.connect)."""
+    return _connect(connection, url=url, token=token, profile=profile, root=root, **options)
 
 
 def log_files(service: str | None = None, **flags: Any) -> dict[str, Path]:

@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines to show (default 40)")
     verbs.add_parser("config", parents=[common], help="show every setting and where its value comes from")
+    verbs.add_parser("url", parents=[common], help="print the connection string (URL and access token)")
+    verbs.add_parser("rotate-token", parents=[common], help="replace the access token (old links stop working)")
+    connect = verbs.add_parser("connect", help="point this machine's Metaflow client at a stack",
+                               description="Check a stack and write a Metaflow profile for it. Give the "
+                                           "connection string that `up` or `url` prints, or --url and --token.")
+    connect.add_argument("connection", nargs="?", help="connection string: https://<host>/?token=<token>")
+    connect.add_argument("--url", help="the stack's URL (with --token)")
+    connect.add_argument("--token", help="the stack's access token (with --url)")
+    connect.add_argument("--profile", help="write ~/.metaflowconfig/config_<profile>.json (default: config.json)")
+    connect.add_argument("--root", help="read connection.json from this MF_ROOT (a shared Drive folder)")
+    connect.add_argument("--timeout", type=float, default=10.0, help="seconds for each check (default 10)")
+    connect.add_argument("--debug", action="store_true", help="show debug logging and tracebacks")
     return parser
 
 
@@ -52,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS if s.name in vars(args)}
     printer = Printer()
     try:
         return _dispatch(args, flags, printer)
@@ -72,7 +84,8 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
         status = api.up(progress=printer.event, **flags)
         if not status.already_running:
             printer.line(f"stack up in {time.monotonic() - began:.1f} s")
-        printer.status(status, token=api.token(**flags))
+        printer.status(status)
+        printer.line(f"connection string: {api.connection(**flags)}")
         return 0
     if args.verb == "down":
         began = time.monotonic()
@@ -89,6 +102,19 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
         return 0 if status.running else 3
     if args.verb == "logs":
         return _logs(args, flags, printer)
+    if args.verb == "url":
+        printer.line(api.connection(**flags))
+        return 0
+    if args.verb == "rotate-token":
+        printer.line("new access token; previous links and cookies no longer work. Connection string:")
+        printer.line(api.rotate_token(**flags))
+        return 0
+    if args.verb == "connect":
+        result = api.connect(args.connection, url=args.url, token=args.token, profile=args.profile,
+                             root=args.root, timeout=args.timeout, set_env=False)
+        for line in result.lines():
+            printer.line(line)
+        return 0
     if args.verb == "config":
         for name, value, source in api.config(**flags):
             printer.line(f"{name:<15} {value:<60} ({source})")

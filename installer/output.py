@@ -43,7 +43,8 @@ class Printer:
                 health = self._paint(row.state, "33" if row.state == "stopped" else "31")
             uptime = f"up {_duration(row.uptime)}" if row.uptime is not None else ""
             pid = f"pid {row.pid}" if row.pid else ""
-            self.line(f"  {row.name:<11} {health:<9} port {row.port:<6} {pid:<10} {uptime}")
+            port = f"port {row.port}" if row.port else ""
+            self.line(f"  {row.name:<11} {health:<9} {port:<10} {pid:<10} {uptime}")
         if status.schema_version is not None:
             self.line(f"  schema version {status.schema_version}")
         if status.running:

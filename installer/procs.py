@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -150,7 +151,10 @@ def proc_info(pid: int) -> ProcInfo | None:
 
 
 def alive(pid: int | None) -> bool:
-    return pid is not None and pid > 0 and proc_info(pid) is not None
+    if pid is None or pid <= 0:
+        return False
+    _reap_children()
+    return proc_info(pid) is not None
 
 
 def all_processes() -> list[ProcInfo]:
@@ -200,6 +204,7 @@ def wait_gone(pids: Iterable[int], timeout: float, poll: float = 0.05) -> list[i
     pending = set(pids)
     deadline = time.monotonic() + timeout
     while True:
+        _reap_children()
         pending = {pid for pid in pending if alive(pid)}
         if not pending or time.monotonic() >= deadline:
             return sorted(pending)
@@ -207,15 +212,36 @@ def wait_gone(pids: Iterable[int], timeout: float, poll: float = 0.05) -> list[i
         time.sleep(poll)
 
 
+_exit_codes: dict[int, int] = {}
+
+
 def _reap_children() -> None:
-    """Collect our own exited children so they do not linger as zombies."""
+    """Collect our own exited children so they do not linger as zombies; keep their exit codes."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        _exit_codes[pid] = os.waitstatus_to_exitcode(status)
+
+
+def exit_code(pid: int) -> int | None:
+    """The exit code of `pid` if it was our child and has exited; None otherwise."""
+    _reap_children()
+    return _exit_codes.get(pid)
+
+
+def terminate(pid: int, timeout: float = 10.0) -> list[int]:
+    """SIGTERM a process group leader, wait up to `timeout`, then SIGKILL its whole group.
+
+    Safe to call twice; returns any process of the group still alive at the end.
+    """
+    send(pid, signal.SIGTERM)
+    if not wait_gone([pid], timeout):
+        return []
+    return kill_tree([info.pid for info in group_members(pid)] or [pid])
 
 
 def kill_tree(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
@@ -255,3 +281,10 @@ def listener_of(port: int, host: str = "") -> tuple[int, str] | None:
             if target.startswith("socket:[") and target[8:-1] in inodes:
                 return info.pid, info.command
     return 0, "another user's process"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

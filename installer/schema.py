@@ -176,16 +176,20 @@ def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
 
 def _run_resumable(conn: psycopg.Connection, statement: str) -> None:
     """Run one autocommit statement; after an interrupted run, tolerate what it already built."""
+    index = _INDEX_NAME.search(statement)
     try:
         conn.execute(statement)
     except (pg_errors.DuplicateTable, pg_errors.DuplicateObject, pg_errors.DuplicateColumn):
-        index = _INDEX_NAME.search(statement)
         if not index:
             return
-        row = conn.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                           "WHERE c.relname = %s", (index.group(1),)).fetchone()
-        if row is None or row[0]:
-            return
-        # An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index behind: rebuild it.
+    if index and not _index_valid(conn, index.group(1)):
+        # An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index that
+        # IF NOT EXISTS would keep for good: drop it and build it again.
         conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{index.group(1)}"')
         conn.execute(statement)
+
+
+def _index_valid(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                       "WHERE c.relname = %s", (name,)).fetchone()
+    return row is None or bool(row[0])

@@ -65,7 +65,7 @@ class StopPolicy(enum.Enum):
 class Health:
     """How to ask a service whether it is ready: a PostgreSQL query or an HTTP GET."""
 
-    kind: str  # "postgres" or "http"
+    kind: str  # "postgres", "http", or "process" (alive is enough)
     target: str  # a DSN or a URL
     expect: str = ""  # for http: a substring the body must contain
 
@@ -85,7 +85,7 @@ class Service:
     secret_env: Mapping[str, str] = field(default_factory=dict)  # written to env_file, never to argv
     env_file: Path | None = None
     host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
-    restart: bool = False
+    depends_on: tuple[str, ...] = ()
     on_ready: Callable[[Progress], str | None] | None = None
 
     @property
@@ -156,6 +156,19 @@ def _database_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def waves(services: list[Service]) -> list[list[Service]]:
+    """Services grouped so that each group needs only earlier groups: a group starts together."""
+    placed: dict[str, int] = {}
+    groups: list[list[Service]] = []
+    for service in services:
+        level = 1 + max((placed[name] for name in service.depends_on), default=-1)
+        placed[service.name] = level
+        if level == len(groups):
+            groups.append([])
+        groups[level].append(service)
+    return groups
+
+
 def define(settings: Settings, udocker: Udocker, secrets: Secrets,
            prepare_database: Callable[[Progress], str | None]) -> list[Service]:
     """The stack, in start order."""
@@ -199,6 +212,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
         health=Health("http", f"http://127.0.0.1:{settings.metadata_port}/ping", expect="pong"),
         stop=StopPolicy.GUEST_TERM,
         guest_marker="services.metadata_service.server",
+        depends_on=("postgres",),
     )
     ui_backend = Service(
         name="ui-backend",
@@ -223,6 +237,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
+        depends_on=("postgres",),
     )
     proxy_argv = [sys.executable, "-m", "installer.proxy",
                   "--listen-host", settings.bind, "--listen-port", str(settings.port),
@@ -239,6 +254,15 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
         argv=tuple(proxy_argv),
         health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
         stop=StopPolicy.HOST_TERM,
-        restart=True,
+        depends_on=("metadata", "ui-backend"),
     )
-    return [postgres, metadata, ui_backend, proxy]
+    monitor = Service(
+        name="monitor",
+        title="monitor (restarts what dies)",
+        port=0,
+        argv=(sys.executable, "-m", "installer.monitor", "--root", str(settings.root)),
+        health=Health("process", ""),
+        stop=StopPolicy.HOST_TERM,
+        depends_on=("proxy",),
+    )
+    return [postgres, metadata, ui_backend, proxy, monitor]

@@ -92,7 +92,14 @@ SETTINGS: tuple[Setting, ...] = (
             lambda s: s["root"] / "snapshots", _path),
     Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
             lambda s: 120.0, float),
+    Setting("tunnel", "MF_TUNNEL", "publish the entry point through a Cloudflare quick tunnel",
+            lambda s: False, _flag),
+    Setting("cloudflared", "MF_CLOUDFLARED", "an existing cloudflared binary (default: download the pinned release)",
+            lambda s: None),
 )
+SAVED_FILE = "settings.json"
+# Settings `up` remembers under MF_ROOT, so that later commands talk to the same stack.
+_NOT_SAVED = {"root", "token"}
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -114,6 +121,8 @@ class Settings:
     no_auth: bool
     snapshot_dir: Path
     start_timeout: float
+    tunnel: bool
+    cloudflared: str | None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     # Folders derived from root; one definition each.
@@ -158,6 +167,7 @@ def resolve(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] |
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    saved: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.name in flags:
             raw = flags[setting.name]
@@ -169,9 +179,14 @@ def resolve(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] |
             except ConfigError as exc:
                 raise ConfigError(f"{setting.env}: {exc.message}", hint=exc.hint) from None
             sources[setting.name] = f"env {setting.env}"
+        elif setting.name in saved:
+            values[setting.name] = setting.parse(saved[setting.name])
+            sources[setting.name] = "saved by `up`"
         else:
             values[setting.name] = setting.default(values)
             sources[setting.name] = "default"
+        if setting.name == "root":
+            saved = _read_saved(values["root"])
     if values["registry"]:
         values["registry"] = _normalise_registry(values["registry"])
     ports = {name: values[name] for name in ("port", "metadata_port", "ui_port", "db_port")}
@@ -188,3 +203,25 @@ def _normalise_registry(url: str) -> str:
     if scheme not in ("http", "https"):
         raise ConfigError(f"registry URL must start with http:// or https://: {url}")
     return url
+
+
+def _read_saved(root: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((root / "state" / SAVED_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the saved settings {root / 'state' / SAVED_FILE}: {exc}",
+                          hint="delete that file; the next `up` writes it again") from None
+    return {k: v for k, v in data.items() if k in _BY_NAME and k not in _NOT_SAVED and isinstance(v, str)}
+
+
+def save(settings: Settings) -> None:
+    """Remember the settings that did not come from defaults, for later commands on this stack."""
+    chosen = {name: str(getattr(settings, name)) for name, source in settings.sources.items()
+              if source != "default" and name not in _NOT_SAVED and getattr(settings, name) is not None}
+    target = settings.state_dir / SAVED_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(chosen, indent=2, sort_keys=True))
+    tmp.replace(target)

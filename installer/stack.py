@@ -15,17 +15,21 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psycopg
 import requests
 
-from . import procs, runtime, schema
+from . import procs, runtime, schema, tunnel
+from .connection import write_connection_file
 from .errors import ConfigError, PortInUse, ServiceFailed, StackBusy, StackError
 from .secrets import read_or_create_secret
-from .services import (DB_NAME, Health, Progress, Secrets, Service, StopPolicy, define, dsn, migrations_dir)
+from .services import (DB_NAME, Health, Progress, Secrets, Service, StopPolicy, define, dsn, migrations_dir,
+                       waves)
 from .settings import Settings
+from .settings import save as save_settings
 
 # Free space wanted before pulling: the three unpacked images measured 2.6 GB.
 PULL_SPACE_BYTES = 3 * 1024**3
@@ -165,6 +169,8 @@ def _live_pid(settings: Settings, name: str) -> int | None:
 
 
 def healthy(check: Health, timeout: float = 3.0) -> bool:
+    if check.kind == "process":
+        return True  # asked only about a process known to be alive
     try:
         if check.kind == "postgres":
             with psycopg.connect(check.target, connect_timeout=max(1, int(timeout))) as conn:
@@ -183,10 +189,7 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
     """Start whatever is not running, in order, each confirmed healthy before the next."""
     _check_root(settings)
     with _lock(settings, "up"):
-        if _all_running(settings):
-            status = _status(settings, _load(settings))
-            status.already_running = True
-            return status
+        save_settings(settings)
         steps: list[dict] = []
 
         def step(name: str, action: Callable[[Progress], str | None]) -> None:
@@ -200,12 +203,71 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         holder: dict[str, _Stack] = {}
         step("runtime", lambda p: _prepare_runtime(settings, holder, p))
         stack = holder["stack"]
+        if _all_running(settings, stack):
+            status = _status(settings, stack)
+            status.already_running = True
+            return status
         step("images", lambda p: _pull_images(stack, p))
-        for service in stack.services:
-            step(service.name, lambda p, s=service: _start(stack, s, p))
+        for wave in waves(stack.services):
+            # Services of one wave need only what already runs: start them side by side.
+            with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                started = [pool.submit(step, s.name, lambda p, s=s: _start(stack, s, p)) for s in wave]
+                for future in started:
+                    future.result()
+        if settings.tunnel:
+            step("tunnel", lambda p: _start_tunnel(settings))
+        else:
+            write_connection_file(settings.root, f"http://127.0.0.1:{settings.port}", _token(settings) or "",
+                                  {"tunnel": False})
         status = _status(settings, stack)
         status.steps = steps
         return status
+
+
+def _token(settings: Settings) -> str | None:
+    return None if settings.no_auth else read_or_create_secret(settings.secrets_dir / "token")
+
+
+def _start_tunnel(settings: Settings) -> str:
+    token = _token(settings)
+    info = tunnel.start_tunnel(settings, token=token or "", cloudflared=settings.cloudflared)
+    return f"public URL {info.url}"
+
+
+def _tunnel_running(settings: Settings) -> bool:
+    info = tunnel.read_tunnel_state(settings)
+    return info is not None and tunnel.tunnel_alive(info)
+
+
+def restart_dead(settings: Settings, report: Reporter = lambda _: None,
+                 skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Start again any service (and the tunnel) that died since `up`; for the monitor.
+
+    Does nothing while another command holds the stack, and nothing once `down` ran.
+    """
+    try:
+        with _lock(settings, "monitor"):
+            return _restart_dead(settings, report, skip)
+    except StackBusy:
+        return []
+
+
+def _restart_dead(settings: Settings, report: Reporter, skip: set[str] | frozenset[str]) -> list[str]:
+    stack = _load(settings)
+    restarted = []
+    for service in stack.services:
+        if service.name in skip or service.name == "monitor" or _recorded(settings, service.name) is None:
+            continue
+        if _live_pid(settings, service.name) is None:
+            report(Event(service.name, "died; starting it again"))
+            _start(stack, service, lambda line, n=service.name: report(Event(n, line)))
+            restarted.append(service.name)
+    if ("tunnel" not in skip and settings.tunnel and tunnel.read_tunnel_state(settings) is not None
+            and not _tunnel_running(settings)):
+        report(Event("tunnel", "cloudflared exited; starting a new tunnel"))
+        report(Event("tunnel", _start_tunnel(settings)))
+        restarted.append("tunnel")
+    return restarted
 
 
 def _prepare_runtime(settings: Settings, holder: dict, progress: Progress) -> str:
@@ -268,7 +330,7 @@ def _start(stack: _Stack, service: Service, progress: Progress) -> str | None:
         pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
         _record(settings, service, pid)
         _wait_healthy(settings, service, pid, log_path)
-        detail = f"healthy on port {service.port} (pid {pid})"
+        detail = f"healthy on port {service.port} (pid {pid})" if service.port else f"running (pid {pid})"
     if service.on_ready:
         extra = service.on_ready(progress)
         if extra:
@@ -289,6 +351,8 @@ def _prepare_files(service: Service) -> None:
 
 
 def _check_port(service: Service) -> None:
+    if not service.port:
+        return
     holder = procs.listener_of(service.port)
     if holder is None:
         return
@@ -316,9 +380,12 @@ def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path
                         hint="it is left running for inspection; `installer down` stops it")
 
 
-def _all_running(settings: Settings) -> bool:
-    names = ("postgres", "metadata", "ui-backend", "proxy")
-    return all(_live_pid(settings, name) is not None for name in names) and _proxy_healthy(settings)
+def _all_running(settings: Settings, stack: _Stack) -> bool:
+    if not all(_live_pid(settings, s.name) is not None for s in stack.services):
+        return False
+    if settings.tunnel and not _tunnel_running(settings):
+        return False
+    return _proxy_healthy(settings)
 
 
 def _proxy_healthy(settings: Settings) -> bool:
@@ -333,6 +400,10 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
     with _lock(settings, "down"):
         stack = _load(settings)
         stopped = []
+        if tunnel.stop_recorded_tunnel(settings):
+            stopped.append("tunnel")
+            report(Event("tunnel", "stopped", 0.0))
+        tunnel.state_path(settings).unlink(missing_ok=True)
         for service in reversed(stack.services):
             pid = _live_pid(settings, service.name)
             if pid is None:
@@ -351,8 +422,7 @@ def _stop(stack: _Stack, service: Service, pid: int) -> None:
     """Stop one service the way that works for it, then prove nothing of it is left."""
     members = [pid] + [p.pid for p in procs.descendants(pid)]
     if service.stop is StopPolicy.HOST_TERM:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+        procs.terminate(pid, STOP_TIMEOUT)
     elif service.stop is StopPolicy.POSTMASTER:
         postmaster = _postmaster_pid(stack.settings.pgdata_dir)
         if postmaster is not None:

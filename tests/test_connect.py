@@ -1,0 +1,448 @@
+"""`connect` and the connection string, against a stand-in of the stack's proxy (see helpers_connect)
+in front of the real metaflow-local-service, with the real Metaflow client running a real flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from installer import connect as connect_mod
+from installer.connect import (
+    ConnectionRefused,
+    ConnectResult,
+    ConnectTimedOut,
+    NameNotResolved,
+    NotAStack,
+    ProfileError,
+    ServiceDown,
+    ServiceTooOld,
+    StackUnreachable,
+    TLSFailed,
+    WrongToken,
+    connect,
+)
+from installer.connection import (
+    BadConnectionString,
+    format_connection,
+    parse_connection,
+    read_connection_file,
+    write_connection_file,
+)
+from installer.errors import ConnectError, StackError
+
+from .helpers_connect import LoopThread, MetadataService, OtherServer, ProxyStandIn, SilentServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "tok_3kR9-x_Yq2"
+
+
+@pytest.fixture(autouse=True)
+def clean_metaflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own Metaflow config folder and leaves os.environ as it found it."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith("METAFLOW_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "mfconfig"))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetadataService]:
+    svc = MetadataService(tmp_path_factory.mktemp("metadata"))
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(service: MetadataService) -> Iterator[ProxyStandIn]:
+    proxy = ProxyStandIn(TOKEN, service.port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+# ---------------------------------------------------------------- the connection string
+
+def test_connection_string_is_the_browser_login_url_and_round_trips() -> None:
+    line = format_connection("https://amber-basin.trycloudflare.com/", TOKEN)
+    assert line == f"https://amber-basin.trycloudflare.com/?token={TOKEN}"
+    assert parse_connection(line) == ("https://amber-basin.trycloudflare.com", TOKEN)
+
+
+@pytest.mark.parametrize("pasted", [
+    f"  https://amber-basin.trycloudflare.com/?token={TOKEN}\n",
+    f"'https://amber-basin.trycloudflare.com/?token={TOKEN}'",
+    f'"https://amber-basin.trycloudflare.com?token={TOKEN}"',
+    f"HTTPS://amber-basin.trycloudflare.com/?token={TOKEN}#",
+])
+def test_pasted_variants_are_cleaned(pasted: str) -> None:
+    assert parse_connection(pasted) == ("https://amber-basin.trycloudflare.com", TOKEN)
+
+
+def test_token_with_reserved_characters_survives_round_trip() -> None:
+    odd = "a+b/c=d&e f"
+    assert parse_connection(format_connection("http://127.0.0.1:7860", odd)) == ("http://127.0.0.1:7860", odd)
+
+
+@pytest.mark.parametrize(("text", "phrase"), [
+    ("", "empty"),
+    ("amber-basin.trycloudflare.com/?token=x", "no http:// or https://"),
+    ("ftp://amber-basin.trycloudflare.com/?token=x", "unsupported URL scheme 'ftp'"),
+    ("https:///?token=x", "names no host"),
+    ("https://amber-basin.trycloudflare.com/", "no access token"),
+    ("https://amber-basin.trycloudflare.com/?token=", "no access token"),
+    ("https://amber-basin.trycloudflare.com:99999/?token=x", "not a valid URL"),
+    ("https://amber basin.trycloudflare.com/?token=x", "spaces"),
+])
+def test_bad_connection_strings_say_what_is_wrong(text: str, phrase: str) -> None:
+    with pytest.raises(BadConnectionString) as caught:
+        parse_connection(text)
+    assert phrase in caught.value.message
+    assert caught.value.reason == "bad_url"
+    assert caught.value.hint
+
+
+def test_connection_file_is_private_atomic_and_complete(tmp_path: Path) -> None:
+    path = write_connection_file(tmp_path, "https://amber-basin.trycloudflare.com/", TOKEN, {"tunnel": True})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    record = read_connection_file(tmp_path)
+    assert record is not None
+    assert record["url"] == "https://amber-basin.trycloudflare.com"
+    assert record["token"] == TOKEN
+    assert record["connection_string"] == f"https://amber-basin.trycloudflare.com/?token={TOKEN}"
+    assert record["service_url"] == "https://amber-basin.trycloudflare.com/service"
+    assert record["tunnel"] is True
+    assert record["updated_at"].endswith("Z")
+    assert [p.name for p in tmp_path.iterdir()] == ["connection.json"]  # no temporary file left behind
+    assert read_connection_file(tmp_path / "elsewhere") is None
+
+
+# ---------------------------------------------------------------- success paths
+
+def test_connect_writes_default_profile_and_environment(stack: ProxyStandIn, tmp_path: Path) -> None:
+    result = connect(format_connection(stack.url, TOKEN))
+    assert isinstance(result, ConnectResult)
+    assert result.base_url == stack.url
+    assert result.service_version == "2.5.0"
+    config = tmp_path / "mfconfig" / "config.json"
+    assert result.config_path == config and result.config_action == "created"
+    written = json.loads(config.read_text())
+    assert written == {
+        "METAFLOW_DEFAULT_METADATA": "service",
+        "METAFLOW_SERVICE_URL": f"{stack.url}/service",
+        "METAFLOW_SERVICE_AUTH_KEY": TOKEN,
+        "METAFLOW_DEFAULT_DATASTORE": "local",
+    }
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert os.environ["METAFLOW_SERVICE_URL"] == f"{stack.url}/service"
+    assert os.environ["METAFLOW_SERVICE_AUTH_KEY"] == TOKEN
+    assert result.datastore.kind == "local"
+    assert set(result.datastore.ui_misses) == {"logs", "artifacts", "cards"}
+    assert "NOT their logs, artifacts or cards" in result.datastore.statement
+    text = "\n".join(result.lines())
+    assert TOKEN not in text and TOKEN not in repr(result)
+    assert connect(format_connection(stack.url, TOKEN)).config_action == "unchanged"
+
+
+def test_existing_profile_is_merged_and_the_result_says_so(stack: ProxyStandIn, tmp_path: Path) -> None:
+    config = tmp_path / "mfconfig" / "config_gpu.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"METAFLOW_SERVICE_URL": "http://old-host:8080",
+                                  "METAFLOW_SERVICE_AUTH_KEY": "old-secret-value",
+                                  "METAFLOW_DEFAULT_METADATA": "service",
+                                  "METAFLOW_USER": "ada"}))
+    result = connect(url=stack.url + "/", token=TOKEN, profile="gpu", set_env=False)
+    assert result.config_path == config and result.config_action == "updated"
+    assert result.replaced == {"METAFLOW_SERVICE_URL": "http://old-host:8080",
+                               "METAFLOW_SERVICE_AUTH_KEY": "old-..."}
+    assert result.kept_keys == ("METAFLOW_USER",)
+    written = json.loads(config.read_text())
+    assert written["METAFLOW_USER"] == "ada"
+    assert written["METAFLOW_SERVICE_URL"] == f"{stack.url}/service"
+    assert "METAFLOW_SERVICE_URL" not in os.environ
+    assert any("METAFLOW_PROFILE=gpu" in note for note in result.notes)
+    assert not (tmp_path / "mfconfig" / "config.json").exists()
+
+
+def test_unreadable_profile_is_not_overwritten(stack: ProxyStandIn, tmp_path: Path) -> None:
+    config = tmp_path / "mfconfig" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text("{not json")
+    with pytest.raises(ProfileError) as caught:
+        connect(format_connection(stack.url, TOKEN))
+    assert str(config) in caught.value.message
+    assert config.read_text() == "{not json"
+
+
+def test_environment_only_writes_no_file(stack: ProxyStandIn, tmp_path: Path) -> None:
+    result = connect(format_connection(stack.url, TOKEN), write_profile=False)
+    assert result.config_path is None and result.config_action == "not written"
+    assert not (tmp_path / "mfconfig").exists()
+    assert os.environ["METAFLOW_DEFAULT_METADATA"] == "service"
+
+
+def test_connect_finds_connection_json_in_a_shared_root(stack: ProxyStandIn, tmp_path: Path) -> None:
+    root = tmp_path / "drive" / "metaflow-stack"
+    write_connection_file(root, stack.url, TOKEN)
+    result = connect(root=root, set_env=False, write_profile=False)
+    assert result.base_url == stack.url
+    with pytest.raises(BadConnectionString) as caught:
+        connect(root=tmp_path / "empty", set_env=False, write_profile=False)
+    assert "connection.json" in caught.value.message
+
+
+def test_an_advertised_object_store_switches_the_datastore(service: MetadataService, tmp_path: Path) -> None:
+    proxy = ProxyStandIn(TOKEN, service.port,
+                         health_extra={"datastore": {"type": "s3", "root": "s3://metaflow/data", "endpoint": "/s3"}})
+    proxy.start()
+    try:
+        result = connect(format_connection(proxy.url, TOKEN), set_env=False)
+    finally:
+        proxy.stop()
+    assert result.datastore.kind == "s3"
+    assert result.settings["METAFLOW_DEFAULT_DATASTORE"] == "s3"
+    assert result.settings["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://metaflow/data"
+    assert result.settings["METAFLOW_S3_ENDPOINT_URL"] == f"{proxy.url}/s3"
+    assert result.datastore.ui_misses == ()
+
+
+# ---------------------------------------------------------------- each failure, its own message
+
+def _fail(connection: str, timeout: float = 5.0) -> ConnectError:
+    with pytest.raises(ConnectError) as caught:
+        connect(connection, set_env=False, write_profile=False, timeout=timeout)
+    error = caught.value
+    assert isinstance(error, StackError) and error.hint
+    return error
+
+
+def test_failure_bad_url() -> None:
+    error = _fail(f"htp//127.0.0.1:7860/?token={TOKEN}")
+    assert isinstance(error, BadConnectionString) and error.reason == "bad_url"
+
+
+def test_failure_dns() -> None:
+    error = _fail(f"http://nonexistent.invalid/?token={TOKEN}")
+    assert isinstance(error, NameNotResolved) and error.reason == "dns"
+    assert "cannot resolve the host name 'nonexistent.invalid'" in error.message
+
+
+def test_failure_tls_to_a_plain_http_port(stack: ProxyStandIn) -> None:
+    error = _fail(f"https://127.0.0.1:{stack.port}/?token={TOKEN}")
+    assert isinstance(error, TLSFailed) and error.reason == "tls"
+    assert "TLS handshake" in error.message and "http://" in (error.hint or "")
+
+
+def test_failure_tls_self_signed_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = OtherServer(200)
+    server.ssl_context = context
+    server.start()
+    try:
+        error = _fail(f"https://127.0.0.1:{server.port}/?token={TOKEN}")
+    finally:
+        server.stop()
+    assert isinstance(error, TLSFailed) and error.reason == "tls"
+    assert "certificate verify failed" in error.message
+
+
+def test_failure_timeout() -> None:
+    silent = SilentServer()
+    try:
+        error = _fail(f"http://127.0.0.1:{silent.port}/?token={TOKEN}", timeout=1.0)
+    finally:
+        silent.stop()
+    assert isinstance(error, ConnectTimedOut) and error.reason == "timeout"
+    assert "did not answer within 1 s" in error.message
+
+
+def test_failure_refused() -> None:
+    error = _fail(f"http://127.0.0.1:{free_port()}/?token={TOKEN}")
+    assert isinstance(error, ConnectionRefused) and error.reason == "refused"
+    assert "refused" in error.message
+
+
+def test_failure_wrong_token(stack: ProxyStandIn) -> None:
+    error = _fail(format_connection(stack.url, "not-the-token"))
+    assert isinstance(error, WrongToken) and error.reason == "unauthorized"
+    assert "refused the access token (HTTP 401)" in error.message
+    assert "missing or wrong access token" in error.message  # the proxy's own words are passed on
+
+
+def test_failure_stack_up_service_down() -> None:
+    proxy = ProxyStandIn(TOKEN, free_port())
+    proxy.start()
+    try:
+        error = _fail(format_connection(proxy.url, TOKEN))
+    finally:
+        proxy.stop()
+    assert isinstance(error, ServiceDown) and error.reason == "service_down"
+    assert "metadata service is not answering (HTTP 502)" in error.message
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_failure_not_a_metaflow_stack(status: int) -> None:
+    other = OtherServer(status)
+    other.start()
+    try:
+        error = _fail(f"http://127.0.0.1:{other.port}/?token={TOKEN}")
+    finally:
+        other.stop()
+    assert isinstance(error, NotAStack) and error.reason == "not_a_stack"
+    assert f"GET /healthz gave HTTP {status} (text/html)" in error.message
+
+
+def test_failure_edge_answers_but_stack_does_not() -> None:
+    edge = OtherServer(502)  # what a tunnel's edge answers when its origin is gone
+    edge.start()
+    try:
+        error = _fail(f"http://127.0.0.1:{edge.port}/?token={TOKEN}")
+    finally:
+        edge.stop()
+    assert isinstance(error, StackUnreachable) and error.reason == "stack_unreachable"
+
+
+def test_failure_redirect_names_the_address_to_use() -> None:
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("https://amber-basin.trycloudflare.com" + request.path)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", moved)
+    server = LoopThread(app)
+    server.start()
+    try:
+        error = _fail(f"http://127.0.0.1:{server.port}/?token={TOKEN}")
+    finally:
+        server.stop()
+    assert isinstance(error, connect_mod.Redirected) and error.reason == "redirect"
+    assert error.hint == "use https://amber-basin.trycloudflare.com in the connection string"
+
+
+def test_failure_service_too_old() -> None:
+    async def ping(request: web.Request) -> web.Response:
+        return web.Response(text="pong", headers={"METADATA_SERVICE_VERSION": "2.0.5"})
+
+    app = web.Application()
+    app.router.add_get("/ping", ping)
+    old = LoopThread(app)
+    old.start()
+    proxy = ProxyStandIn(TOKEN, old.port)
+    proxy.start()
+    try:
+        error = _fail(format_connection(proxy.url, TOKEN))
+    finally:
+        proxy.stop()
+        old.stop()
+    assert isinstance(error, ServiceTooOld) and error.reason == "service_version"
+    assert "'2.0.5'" in error.message and "2.3.0 or newer" in error.message
+
+
+def test_every_failure_has_its_own_reason() -> None:
+    reasons = [cls.reason for cls in (BadConnectionString, NameNotResolved, TLSFailed, ConnectTimedOut,
+                                      ConnectionRefused, WrongToken, ServiceDown, NotAStack, StackUnreachable,
+                                      ServiceTooOld, ProfileError, connect_mod.Unreachable,
+                                      connect_mod.Redirected)]
+    assert len(set(reasons)) == len(reasons)
+
+
+# ---------------------------------------------------------------- end to end
+
+FLOW = textwrap.dedent('''
+    from metaflow import FlowSpec, step
+
+
+    class HelloStackFlow(FlowSpec):
+        @step
+        def start(self):
+            self.message = "hello from a remote notebook"
+            self.next(self.end)
+
+        @step
+        def end(self):
+            print(self.message)
+
+
+    if __name__ == "__main__":
+        HelloStackFlow()
+''')
+
+CONNECT = textwrap.dedent('''
+    import json, sys
+    from installer.connect import connect
+    result = connect(sys.argv[1], set_env=False)
+    print(json.dumps({"config": str(result.config_path), "lines": result.lines()}))
+''')
+
+STACK_SIDE = textwrap.dedent('''
+    import json
+    from metaflow import Flow, namespace
+    namespace(None)
+    run = Flow("HelloStackFlow").latest_run
+    print(json.dumps({
+        "pathspec": run.pathspec,
+        "finished": run.finished,
+        "successful": run.successful,
+        "steps": sorted(step.id for step in run),
+        "tasks": sum(1 for step in run for _ in step),
+    }))
+''')
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "USER": "remote-tester", "LANG": "C.UTF-8",
+            "PYTHONPATH": str(REPO)}
+
+
+def test_remote_process_connects_and_runs_a_flow_seen_by_the_stack(stack: ProxyStandIn, tmp_path: Path) -> None:
+    remote_home = tmp_path / "remote-home"
+    env = _clean_env(remote_home)
+    work = tmp_path / "remote-work"
+    work.mkdir()
+    (work / "flow.py").write_text(FLOW)
+    line = format_connection(stack.url, TOKEN)
+
+    done = subprocess.run([sys.executable, "-c", CONNECT, line], env=env, cwd=work, capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["config"] == str(remote_home / ".metaflowconfig" / "config.json")
+
+    seen_before = len(stack.requests_seen)
+    run = subprocess.run([sys.executable, "flow.py", "run"], env=env, cwd=work, capture_output=True,
+                         text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "hello from a remote notebook" in run.stdout + run.stderr
+    writes = [(m, p) for m, p in stack.requests_seen[seen_before:] if m == "POST"]
+    assert any(p.startswith("/service/flows/HelloStackFlow") for _, p in writes), writes
+
+    stack_env = _clean_env(tmp_path / "stack-home")
+    stack_env.update({"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": f"{stack.url}/service",
+                      "METAFLOW_SERVICE_AUTH_KEY": TOKEN})
+    seen = subprocess.run([sys.executable, "-c", STACK_SIDE], env=stack_env, cwd=tmp_path, capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert seen.returncode == 0, seen.stderr
+    result = json.loads(seen.stdout.strip().splitlines()[-1])
+    assert result["pathspec"].startswith("HelloStackFlow/")
+    assert result["finished"] is True
+    assert result["successful"] is True
+    assert result["steps"] == ["end", "start"]
+    assert result["tasks"] == 2

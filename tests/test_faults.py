@@ -1,0 +1,168 @@
+"""Bad input and faults during `up`: each ends in a clear error, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import installer
+from installer import runtime, stack
+from installer.errors import (ConfigError, ImageError, PortInUse, RuntimeUnavailable, ServiceFailed,
+                              StackBusy, StackError)
+from installer.settings import resolve
+
+from .conftest import free_port
+
+
+def test_port_taken_names_the_holder(stack: dict) -> None:
+    holder = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", stack["metadata_port"]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(int(stack["metadata_port"]))
+        with pytest.raises(PortInUse) as caught:
+            installer.up(**stack)
+        message = str(caught.value)
+        assert f"port {stack['metadata_port']}" in message
+        assert "metadata service" in message
+        assert f"pid {holder.pid}" in message and "http.server" in message
+        # What started before the failure is still tracked, so `down` stops it.
+        assert installer.status(**stack).services[0].state == "running"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert installer.up(**stack).running
+
+
+def test_registry_down(tmp_path: Path) -> None:
+    flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"),
+             "registry": f"http://127.0.0.1:{free_port()}",
+             "postgres_image": "mfstack/postgres:15", "service_image": "mfstack/metaflow-service-standin:test"}
+    with pytest.raises(ImageError) as caught:
+        installer.up(**flags)
+    assert "is not answering" in str(caught.value)
+    assert "local_registry.sh start" in str(caught.value)
+
+
+def test_image_missing(tmp_path: Path, registry: str) -> None:
+    flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"), "registry": registry,
+             "postgres_image": "mfstack/no-such-image:1", "service_image": "mfstack/metaflow-service-standin:test"}
+    with pytest.raises(ImageError) as caught:
+        installer.up(**flags)
+    assert "mfstack/no-such-image:1" in str(caught.value)
+    assert "build_images.sh" in str(caught.value)
+
+
+def test_no_container_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No udocker engine can be installed offline, and no system proot is found.
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    monkeypatch.setattr(runtime, "SYSTEM_PROOT", str(tmp_path / "no-proot"))
+    with pytest.raises(RuntimeUnavailable) as caught:
+        runtime.prepare(tmp_path / "ud", tmp_path / "bin", lambda _: None)
+    assert "apt-get install -y proot" in str(caught.value)
+
+
+def test_broken_engine_fails_with_log_tail(stack: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken-proot"
+    broken.write_text("#!/bin/sh\necho 'proot: cannot run this container' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("UDOCKER_USE_PROOT_EXECUTABLE", str(broken))
+    with pytest.raises(ServiceFailed) as caught:
+        installer.up(**stack)
+    assert "PostgreSQL exited during start-up" in str(caught.value)
+    assert caught.value.log == resolve(stack).log_path("postgres")
+
+
+def test_disk_full(stack: dict, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(StackError) as caught:
+            installer.up(**{**stack, "udocker_dir": str(small / "udocker")})
+        assert "not enough free disk space" in str(caught.value)
+        assert "UDOCKER_DIR" in str(caught.value)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_root_not_writable(tmp_path: Path) -> None:
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], check=True)
+    try:
+        with pytest.raises(ConfigError) as caught:
+            installer.up(root=str(readonly / "stack"), udocker_dir=str(tmp_path / "ud"))
+        assert str(readonly / "stack") in str(caught.value)
+        assert "MF_ROOT" in str(caught.value)
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+
+
+def test_service_dying_at_start_shows_its_log(stack: dict) -> None:
+    settings = resolve(stack)
+    settings.pgdata_dir.mkdir(parents=True)
+    (settings.pgdata_dir / "PG_VERSION").write_text("9\n")
+    with pytest.raises(ServiceFailed) as caught:
+        installer.up(**stack)
+    message = str(caught.value)
+    assert "PostgreSQL exited during start-up" in message
+    assert "last lines of" in message and "postgres.log" in message
+    assert "could not access the server configuration file" in message
+    # Nothing was lost: the data folder is left as it was for inspection.
+    assert (settings.pgdata_dir / "PG_VERSION").read_text() == "9\n"
+
+
+def test_second_up_while_first_is_working(stack: dict) -> None:
+    settings = resolve(stack)
+    with stack_lock(settings):
+        done = subprocess.run([sys.executable, "-m", "installer", "up", "--root", stack["root"]],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(installer.__file__).parent.parent)})
+    assert done.returncode == 1
+    assert "another command is already working on this stack" in done.stderr
+    assert "`test`" in done.stderr
+
+
+def test_bad_port_setting() -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve(environ={"MF_PORT": "seventy"})
+    assert "MF_PORT" in str(caught.value)
+
+
+def stack_lock(settings):
+    return stack._lock(settings, "test")
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_status_json_from_the_command_line(stack: dict) -> None:
+    installer.up(**stack)
+    done = subprocess.run([sys.executable, "-m", "installer", "status", "--json", "--root", stack["root"],
+                           "--port", stack["port"], "--db-port", stack["db_port"],
+                           "--metadata-port", stack["metadata_port"], "--ui-port", stack["ui_port"],
+                           "--udocker-dir", stack["udocker_dir"],
+                           "--postgres-image", stack["postgres_image"], "--service-image", stack["service_image"]],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    data = json.loads(done.stdout)
+    assert data["running"] is True
+    assert data["schema_version"] > 0
+    assert {s["name"]: s["healthy"] for s in data["services"]} == {
+        "postgres": True, "metadata": True, "ui-backend": True, "proxy": True, "monitor": True}
+    assert data["urls"]["metadata_service"] == f"http://127.0.0.1:{stack['port']}/service"
