@@ -1,0 +1,1 @@
+"""Services of the TEST stand-in image for netflixoss/metaflow_metadata_service."""

@@ -1,0 +1,1 @@
+"""Metadata API stand-in (see server.py)."""

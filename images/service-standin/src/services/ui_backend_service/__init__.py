@@ -1,0 +1,1 @@
+"""UI backend stand-in (see ui_server.py)."""
