@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ConfigError, StackError
 
-__all__ = ["read_or_create_secret", "read_secret", "rotate_secret", "write_secret", "new_secret"]
+__all__ = ["new_secret", "read_or_create_secret", "read_secret", "rotate_secret", "write_secret"]
 
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700

@@ -1,0 +1,236 @@
+"""Snapshot PostgreSQL's data folder to the snapshot folder whenever the database changes.
+
+    python -m installer.watcher --pgdata DIR --dest DIR --dsn-file PATH --status-file PATH
+                                [--keep N] [--debounce S] [--max-delay S]
+
+inotify wakes the watcher on writes anywhere in the data folder. Writes alone do not mean
+the data changed (PostgreSQL rewrites files at checkpoints, the snapshot itself forces
+one, and the background writer logs a WAL record every 15 s after any activity, so even
+the WAL insert position moves on an idle server). A wake-up is therefore confirmed by
+comparing `pg_current_snapshot()` with the one recorded by the last snapshot just before
+its stop: it only changes when a transaction that wrote something finished.
+
+Snapshots wait for `debounce` seconds without writes, but never more than `max-delay`
+seconds after the first write, so a steady load is still snapshotted every few seconds.
+
+Safe to kill at any instant and restart: the state worth keeping is on the destination
+(the newest manifest holds the transaction snapshot it covers), a killed snapshot leaves
+only temporary files that the next one removes, and the destination lock dies with us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+from inotify_simple import INotify, flags
+
+from .errors import SnapshotError
+from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, list_generations, read_status,
+                       take_snapshot, write_status)
+
+log = logging.getLogger("installer.watcher")
+
+_MASK = (flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM)
+_POLL_S = 60.0           # check the database even without wake-ups (inotify can overflow)
+_RETRY_S = (5.0, 120.0)  # back-off after a failed snapshot: first and longest wait
+
+
+class _Stop(BaseException):
+    """SIGTERM/SIGINT: leave whatever we are doing; cleanup runs in finally blocks."""
+
+
+class Watcher:
+    def __init__(self, pgdata: Path, dest: Path, dsn_file: Path, status_file: Path, *,
+                 keep: int = DEFAULT_KEEP, debounce: float = 1.0, max_delay: float = 5.0) -> None:
+        self.pgdata = pgdata
+        self.dest = dest
+        self.dsn_file = dsn_file
+        self.status_file = status_file
+        self.keep = keep
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self.cache = SnapshotCache()
+        self.baseline: str | None = None
+        self.conn: psycopg.Connection | None = None
+        self.watched: dict[int, Path] = {}
+        self.status = _initial_status(_safe_read_status(status_file))
+
+    # -- inotify
+
+    def _watch_tree(self, inotify: INotify, top: Path) -> None:
+        for root, _dirs, _files in os.walk(top):
+            try:
+                self.watched[inotify.add_watch(root, _MASK)] = Path(root)
+            except OSError:
+                pass  # vanished meanwhile (a dropped database)
+
+    def _drain(self, inotify: INotify, timeout_s: float) -> bool:
+        events = inotify.read(timeout=max(0, int(timeout_s * 1000)))
+        for event in events:
+            if event.mask & flags.Q_OVERFLOW:
+                continue
+            if event.mask & flags.ISDIR and event.mask & (flags.CREATE | flags.MOVED_TO):
+                parent = self.watched.get(event.wd)
+                if parent is not None:
+                    self._watch_tree(inotify, parent / event.name)
+            if event.mask & flags.IGNORED:
+                self.watched.pop(event.wd, None)
+        return bool(events)
+
+    # -- database
+
+    def _dsn(self) -> str:
+        try:
+            return self.dsn_file.read_text().strip()
+        except OSError as exc:
+            raise SnapshotError(f"cannot read the database DSN from {self.dsn_file}: {exc.strerror}") from exc
+
+    def _current_xact_snapshot(self) -> tuple[str, str]:
+        for attempt in (1, 2):
+            try:
+                if self.conn is None or self.conn.closed:
+                    self.conn = psycopg.connect(self._dsn(), autocommit=True, connect_timeout=10,
+                                                application_name="mf-snapshot-watcher")
+                row = self.conn.execute("SELECT pg_current_snapshot()::text,"
+                                        " (SELECT system_identifier FROM pg_control_system())::text").fetchone()
+                assert row is not None
+                return row[0], row[1]
+            except psycopg.Error as exc:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise SnapshotError(f"cannot reach PostgreSQL: {str(exc).strip()}") from exc
+        raise AssertionError("unreachable")
+
+    def _baseline_from_destination(self, system_id: str) -> str | None:
+        try:
+            newest = next((info for info in list_generations(self.dest) if info.ok), None)
+        except OSError:
+            return None
+        if newest is None or newest.system_identifier != system_id:
+            return None
+        return newest.xact_snapshot
+
+    # -- one step
+
+    def check_and_snapshot(self) -> bool:
+        """Snapshot if the database changed since the last snapshot; True if one was published."""
+        current, system_id = self._current_xact_snapshot()
+        self.status.checks += 1
+        if self.baseline is None:
+            self.baseline = self._baseline_from_destination(system_id)
+        if current == self.baseline:
+            self._set_state("watching")
+            return False
+        self._set_state("snapshotting")
+        generation = take_snapshot(self._dsn(), self.pgdata, self.dest, self.keep, cache=self.cache)
+        self.baseline = generation.xact_snapshot
+        st = self.status
+        st.last_id, st.last_at, st.last_size = generation.id, time.time(), generation.size
+        st.last_uploaded, st.last_duration_s = generation.uploaded, round(generation.duration_s, 3)
+        st.last_error = st.last_error_at = None
+        st.snapshots += 1
+        log.info("published %s: %d bytes, %d uploaded, %.2f s", generation.id, generation.size,
+                 generation.uploaded, generation.duration_s)
+        self._set_state("watching")
+        return True
+
+    def _set_state(self, state: str) -> None:
+        self.status.state = state
+        write_status(self.status_file, self.status)
+
+    # -- main loop
+
+    def run(self) -> None:
+        with INotify() as inotify:
+            self._watch_tree(inotify, self.pgdata)
+            pending, first_write, last_write = True, 0.0, 0.0  # check once at start: restarts lose nothing
+            retry_at, backoff = 0.0, _RETRY_S[0]
+            last_check = time.monotonic()
+            self._set_state("watching")
+            while True:
+                due = self._due(pending, first_write, last_write, retry_at, last_check)
+                if self._drain(inotify, due - time.monotonic()):
+                    self.status.wakeups += 1
+                    now = time.monotonic()
+                    if not pending:
+                        pending, first_write = True, now
+                    last_write = now
+                    due = self._due(pending, first_write, last_write, retry_at, last_check)
+                if time.monotonic() < due:
+                    continue
+                last_check = time.monotonic()
+                try:
+                    self.check_and_snapshot()
+                    pending, retry_at, backoff = False, 0.0, _RETRY_S[0]
+                except SnapshotError as exc:
+                    log.warning("snapshot failed: %s", exc)
+                    self.status.failures += 1
+                    self.status.last_error, self.status.last_error_at = exc.message, time.time()
+                    self._set_state("failing")
+                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, _RETRY_S[1])
+
+    def _due(self, pending: bool, first_write: float, last_write: float, retry_at: float,
+             last_check: float) -> float:
+        if not pending:
+            return last_check + _POLL_S
+        return max(min(last_write + self.debounce, first_write + self.max_delay), retry_at)
+
+
+def _safe_read_status(path: Path) -> SnapshotStatus | None:
+    try:
+        return read_status(path)
+    except SnapshotError:
+        return None
+
+
+def _initial_status(previous: SnapshotStatus | None) -> SnapshotStatus:
+    """A fresh status that still shows the last snapshot and error from before a restart."""
+    status = SnapshotStatus(pid=os.getpid())
+    if previous is not None:
+        for name in ("last_id", "last_at", "last_size", "last_uploaded", "last_duration_s", "last_error",
+                     "last_error_at"):
+            setattr(status, name, getattr(previous, name))
+    return status
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m installer.watcher", description=__doc__.split("\n")[0])
+    parser.add_argument("--pgdata", type=Path, required=True, help="PostgreSQL data folder (host path)")
+    parser.add_argument("--dest", type=Path, required=True, help="snapshot folder (Google Drive)")
+    parser.add_argument("--dsn-file", type=Path, required=True, help="file holding the libpq connection string")
+    parser.add_argument("--status-file", type=Path, required=True, help="JSON status written here")
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="generations to keep (default 5)")
+    parser.add_argument("--debounce", type=float, default=1.0, help="seconds without writes before a snapshot")
+    parser.add_argument("--max-delay", type=float, default=5.0,
+                        help="most seconds between the first write and its snapshot under steady writes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    watcher = Watcher(args.pgdata, args.dest, args.dsn_file, args.status_file, keep=args.keep,
+                      debounce=args.debounce, max_delay=args.max_delay)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        watcher.run()
+    except _Stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        watcher.status.state = "stopped"
+        write_status(watcher.status_file, watcher.status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

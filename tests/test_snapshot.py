@@ -1,0 +1,323 @@
+"""Snapshots of a real PostgreSQL 15 to a plain folder standing in for Google Drive, and restores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from installer import procs
+from installer.errors import SnapshotError
+from installer.snapshot import (SnapshotCache, check_destination, list_generations, read_status, restore,
+                                take_snapshot)
+from tests.helpers_pg import (REPO, PgCluster, chown_tree, make_workdir, start_watcher, wait_for)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = make_workdir()
+    yield path
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pg(workdir: Path) -> Iterator[PgCluster]:
+    cluster = PgCluster.initdb(workdir / "pgdata")
+    cluster.start()
+    with cluster.connect() as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def dest(workdir: Path) -> Path:
+    path = workdir / "drive"
+    path.mkdir()
+    return path
+
+
+def insert(cluster: PgCluster, *ids: int) -> None:
+    with cluster.connect() as conn:
+        for item in ids:
+            conn.execute("INSERT INTO items VALUES (%s, %s)", (item, f"item {item}"))
+
+
+def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[PgCluster, object]:
+    target = workdir / name / "pgdata"
+    target.parent.mkdir()
+    target.parent.chmod(0o755)
+    report = restore(dest, target)
+    chown_tree(target)
+    cluster = PgCluster(target)
+    cluster.start()
+    return cluster, report
+
+
+def item_ids(cluster: PgCluster) -> list[int]:
+    with cluster.connect() as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM items ORDER BY id")]
+
+
+def manifests(dest: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in (dest / "generations").glob("*.json")}
+
+
+def unreferenced_chunks(dest: Path) -> set[str]:
+    referenced = {digest for m in manifests(dest).values() for entry in m["files"] for digest in entry["chunks"]}
+    stored = {path.name for path in (dest / "blobs").glob("*/*")}
+    return stored - referenced
+
+
+def test_snapshot_restores_to_the_state_at_the_snapshot(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    insert(pg, 1, 2, 3)
+    generation = take_snapshot(pg.dsn, pg.datadir, dest)
+    insert(pg, 4)  # after the snapshot: must not come back
+
+    manifest = manifests(dest)[generation.id]
+    with pg.connect() as conn:
+        system_id = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+    assert manifest["system_identifier"] == system_id
+    assert manifest["pg_version"].startswith("15.")
+    assert manifest["start_lsn"] == generation.start_lsn and manifest["stop_lsn"] == generation.stop_lsn
+    assert "START WAL LOCATION" in manifest["backup_label"]
+    paths = {entry["path"] for entry in manifest["files"]}
+    assert "global/pg_control" in paths and "postmaster.pid" not in paths
+    assert all(f"pg_wal/{segment}" in paths for segment in manifest["wal_segments"])
+    assert all(len(entry["sha256"]) == 64 and entry["size"] >= 0 for entry in manifest["files"])
+
+    restored, report = start_restored(workdir, dest)
+    try:
+        assert report.generation == generation.id and report.skipped == []
+        assert item_ids(restored) == [1, 2, 3]
+        restored.amcheck()
+    finally:
+        restored.stop()
+    assert "consistent recovery state reached" in procs.tail(restored.log, 200)
+
+
+def test_restored_folder_has_the_modes_postgresql_demands(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    take_snapshot(pg.dsn, pg.datadir, dest)
+    target = workdir / "modes" / "pgdata"
+    os.umask(0o022)
+    restore(dest, target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    for root, dirs, files in os.walk(target):
+        for name in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o700, name
+        for name in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o600, name
+    assert (target / "backup_label").is_file() and (target / "pg_wal" / "archive_status").is_dir()
+
+
+def test_second_snapshot_uploads_only_what_changed(pg: PgCluster, dest: Path) -> None:
+    with pg.connect() as conn:
+        conn.execute("INSERT INTO items SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 100000) g")
+    cache = SnapshotCache()
+    first = take_snapshot(pg.dsn, pg.datadir, dest, cache=cache)
+    insert(pg, 0)
+    second = take_snapshot(pg.dsn, pg.datadir, dest, cache=cache)
+    assert first.size > 50_000_000
+    assert second.uploaded < first.uploaded / 4
+    assert second.new_chunks < first.new_chunks / 4
+
+
+def test_pruning_keeps_the_newest_n_and_their_chunks(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    ids = []
+    for item in range(1, 5):
+        insert(pg, item)
+        ids.append(take_snapshot(pg.dsn, pg.datadir, dest, keep=2).id)
+    listed = list_generations(dest, deep=True)
+    assert [info.id for info in listed] == ids[:1:-1]
+    assert all(info.ok for info in listed)
+    assert unreferenced_chunks(dest) == set()
+    assert list((dest / "tmp").iterdir()) == []
+    restored, report = start_restored(workdir, dest)
+    try:
+        assert report.generation == ids[-1] and item_ids(restored) == [1, 2, 3, 4]
+    finally:
+        restored.stop()
+
+
+def test_corrupt_truncated_and_incomplete_generations_are_skipped(pg: PgCluster, dest: Path,
+                                                                  workdir: Path) -> None:
+    ids = []
+    for item in range(1, 5):
+        insert(pg, item)
+        ids.append(take_snapshot(pg.dsn, pg.datadir, dest).id)
+    g1, g2, g3, g4 = ids
+    all_manifests = manifests(dest)
+
+    def own_chunk(gid: str) -> Path:
+        others = {d for other, m in all_manifests.items() if other != gid for e in m["files"] for d in e["chunks"]}
+        mine = [d for e in all_manifests[gid]["files"] for d in e["chunks"] if d not in others]
+        return dest / "blobs" / mine[0][:2] / mine[0]
+
+    own_chunk(g4).unlink()                              # a chunk lost
+    chunk = own_chunk(g3)                               # a chunk cut short
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    manifest = dest / "generations" / f"{g2}.json"      # a manifest cut short
+    manifest.write_bytes(manifest.read_bytes()[:500])
+
+    deep = {info.id: info for info in list_generations(dest, deep=True)}
+    assert [gid for gid, info in deep.items() if info.ok] == [g1]
+    assert "missing" in deep[g4].reason and "truncated or damaged" in deep[g3].reason
+    assert "truncated" in deep[g2].reason
+
+    restored, report = start_restored(workdir, dest)
+    try:
+        assert report.generation == g1
+        assert [gid for gid, _ in report.skipped] == [g4, g3, g2]
+        assert "missing" in report.skipped[0][1] and "damaged" in report.skipped[1][1]
+        assert item_ids(restored) == [1]
+        restored.amcheck()
+    finally:
+        restored.stop()
+
+
+def test_restore_with_nothing_usable_names_every_reason(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    with pytest.raises(SnapshotError, match="no snapshot found"):
+        restore(dest, workdir / "empty-dest-restore")
+    gid = take_snapshot(pg.dsn, pg.datadir, dest).id
+    (dest / "generations" / f"{gid}.json").write_text("{")
+    with pytest.raises(SnapshotError, match=f"{gid}: manifest is truncated"):
+        restore(dest, workdir / "nothing-good")
+    assert not (workdir / "nothing-good").exists()
+
+
+def test_non_empty_data_folder_is_refused_without_force(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    insert(pg, 7)
+    take_snapshot(pg.dsn, pg.datadir, dest)
+    target = workdir / "occupied" / "pgdata"
+    target.mkdir(parents=True)
+    (target / "precious").write_text("keep me")
+    with pytest.raises(SnapshotError, match="not empty") as caught:
+        restore(dest, target)
+    assert "force" in (caught.value.hint or "")
+    assert (target / "precious").read_text() == "keep me" and len(list(target.iterdir())) == 1
+
+    with pytest.raises(SnapshotError, match="is running on it"):
+        restore(dest, pg.datadir, force=True)  # never pull the folder from under a live server
+    assert (pg.datadir / "postmaster.pid").is_file()
+
+    report = restore(dest, target, force=True)
+    assert report.replaced is not None and report.replaced.name.startswith("pgdata.replaced-")
+    assert (report.replaced / "precious").read_text() == "keep me"
+    assert (target / "PG_VERSION").is_file() and not (target / "precious").exists()
+
+
+def test_killed_snapshot_publishes_nothing_and_is_cleaned_next_time(pg: PgCluster, dest: Path,
+                                                                    workdir: Path) -> None:
+    insert(pg, 1)
+    first = take_snapshot(pg.dsn, pg.datadir, dest)
+    with pg.connect() as conn:  # ~150 MB so that the copy takes long enough to be caught mid-way
+        conn.execute("INSERT INTO items SELECT g, md5(random()::text) || md5(random()::text) "
+                     "FROM generate_series(2, 1500000) g")
+    chunks_before = len(list((dest / "blobs").glob("*/*")))
+    code = "import sys; from installer.snapshot import take_snapshot; take_snapshot(*sys.argv[1:4])"
+    pid = procs.spawn([sys.executable, "-c", code, pg.dsn, str(pg.datadir), str(dest)],
+                      log_path=workdir / "snapshot-proc.log", cwd=REPO)
+    wait_for(lambda: len(list((dest / "blobs").glob("*/*"))) >= chunks_before + 5, 60,
+             "the snapshot process to be mid-copy", poll=0.005)
+    procs.send(pid, signal.SIGKILL)
+    assert procs.wait_gone([pid], 10) == []
+
+    assert [info.id for info in list_generations(dest)] == [first.id]
+    assert unreferenced_chunks(dest), "the killed snapshot should have left chunks behind"
+    restored, report = start_restored(workdir, dest)
+    try:
+        assert report.generation == first.id and item_ids(restored) == [1]
+    finally:
+        restored.stop()
+
+    second = take_snapshot(pg.dsn, pg.datadir, dest)
+    assert [info.id for info in list_generations(dest)] == [second.id, first.id]
+    assert list((dest / "tmp").iterdir()) == []
+    assert unreferenced_chunks(dest) == set()
+
+
+def test_check_destination_explains_what_is_wrong(workdir: Path) -> None:
+    afile = workdir / "afile"
+    afile.write_text("x")
+    with pytest.raises(SnapshotError, match="not a directory"):
+        check_destination(afile)
+    with pytest.raises(SnapshotError, match="does not exist"):
+        check_destination(workdir / "missing" / "snapshots", create=True)
+    assert check_destination(workdir / "made", create=True).is_dir()
+
+    drive = workdir / "content" / "drive"
+    drive.mkdir(parents=True)  # the mount point exists, but Drive is not mounted on it
+    with pytest.raises(SnapshotError, match="Google Drive does not look mounted") as caught:
+        check_destination(drive / "MyDrive" / "metaflow" / "snapshots", create=True)
+    assert "local" in (caught.value.hint or "")
+    assert not (drive / "MyDrive").exists()
+
+    readonly = workdir / "readonly"
+    readonly.mkdir()
+    procs.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], what="mount a read-only tmpfs")
+    try:
+        with pytest.raises(SnapshotError, match="not writable"):
+            check_destination(readonly)
+        assert check_destination(readonly, writable=False) == readonly
+    finally:
+        procs.run(["umount", str(readonly)], what="umount")
+
+
+def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster, dest: Path,
+                                                                 workdir: Path) -> None:
+    status_file = workdir / "state" / "snapshot-status.json"
+    status_file.parent.mkdir()
+    assert read_status(status_file) is None
+    out = workdir / "watcher.log"
+    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
+    try:
+        wait_for(lambda: len(list_generations(dest)) == 1, 60, "the watcher's first snapshot")
+        insert(pg, 1, 2)
+        wait_for(lambda: len(list_generations(dest)) == 2, 60, "a snapshot after the insert")
+        wait_for(lambda: (read_status(status_file) or None) and read_status(status_file).state == "watching",
+                 30, "the watcher to settle")
+        before = read_status(status_file)
+        assert before is not None and before.snapshots == 2 and before.last_error is None
+        assert before.last_id == list_generations(dest)[0].id and before.age_s is not None
+
+        # Idle for 10 s, but with PostgreSQL writing files and WAL (a checkpoint): no snapshot.
+        with pg.connect() as conn:
+            lsn_before = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+            conn.execute("CHECKPOINT")
+            time.sleep(10)
+            lsn_after = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        after = read_status(status_file)
+        assert lsn_after != lsn_before
+        assert after is not None and after.wakeups > before.wakeups and after.checks > before.checks
+        assert after.snapshots == 2 and len(list_generations(dest)) == 2, procs.tail(out)
+
+        # Killed and restarted: it finds nothing to do, then snapshots the next change.
+        procs.send(watcher, signal.SIGKILL)
+        procs.wait_gone([watcher], 10)
+        watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
+        wait_for(lambda: read_status(status_file).pid == watcher and read_status(status_file).checks > 0, 30,
+                 "the restarted watcher's first check")
+        assert len(list_generations(dest)) == 2
+        insert(pg, 3)
+        wait_for(lambda: len(list_generations(dest)) == 3, 60, "a snapshot by the restarted watcher")
+
+        procs.send(watcher, signal.SIGTERM)
+        assert procs.wait_gone([watcher], 20) == []
+        final = read_status(status_file)
+        assert final is not None and final.state == "stopped" and final.snapshots == 1
+    finally:
+        procs.kill_tree([watcher])
+
+    restored, _ = start_restored(workdir, dest)
+    try:
+        assert item_ids(restored) == [1, 2, 3]
+    finally:
+        restored.stop()

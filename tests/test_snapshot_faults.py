@@ -1,0 +1,95 @@
+"""Faults: everything killed at a random instant under steady writes, and a drive that fills up."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from installer import procs
+from installer.errors import SnapshotError
+from installer.snapshot import list_generations, read_status, take_snapshot
+from tests.helpers_pg import PgCluster, crash_round, make_workdir, start_watcher, wait_for
+
+ROUNDS = int(os.environ.get("MF_TEST_CRASH_ROUNDS", "3"))
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_kill_everything_at_a_random_instant_then_restore(workdir: Path) -> None:
+    seed = int(os.environ.get("MF_TEST_CRASH_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    for number in range(1, ROUNDS + 1):
+        result = crash_round(workdir, rng)  # raises on amcheck failures, gaps or phantom rows
+        assert result.generations_published >= 1
+        assert result.skipped == [], f"round {number} (seed {seed}): {result.skipped}"
+        assert 0 <= result.restored <= result.committed + 1, f"round {number} (seed {seed}): {result}"
+
+
+@pytest.fixture
+def small_drive(workdir: Path) -> Iterator[Path]:
+    """A 20 MB file system: a drive that fills up. Fails (never skips) if it cannot be mounted."""
+    mount = workdir / "drive"
+    mount.mkdir()
+    procs.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], what="mount a 20 MB tmpfs",
+              hint="this test needs root to mount a small file system")
+    try:
+        yield mount
+    finally:
+        procs.run(["umount", "-l", str(mount)], what="umount the 20 MB tmpfs", check=False)
+
+
+def used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_full_drive_keeps_the_previous_generation_and_is_retried(workdir: Path, small_drive: Path) -> None:
+    pg = PgCluster.initdb(workdir / "pgdata")
+    pg.start()
+    watcher = None
+    try:
+        first = take_snapshot(pg.dsn, pg.datadir, small_drive)
+        used_after_first = used_bytes(small_drive)
+        with pg.connect() as conn:  # ~24 MB nothing can compress
+            conn.execute("CREATE TABLE big (id int, payload bytea)")
+            conn.execute("ALTER TABLE big ALTER payload SET STORAGE EXTERNAL")
+            for item in range(24):
+                conn.execute("INSERT INTO big VALUES (%s, %s)", (item, os.urandom(1 << 20)))
+
+        with pytest.raises(SnapshotError, match="is full") as caught:
+            take_snapshot(pg.dsn, pg.datadir, small_drive)
+        assert "previous snapshot is intact" in str(caught.value)
+        listed = list_generations(small_drive, deep=True)
+        assert [(info.id, info.ok) for info in listed] == [(first.id, True)]
+        assert list((small_drive / "tmp").iterdir()) == []
+        assert used_bytes(small_drive) <= used_after_first + 64 * 1024  # the failed attempt's chunks are gone
+
+        status_file = workdir / "status.json"
+        watcher = start_watcher(pg.datadir, small_drive, pg.dsn, status_file, workdir / "watcher.log",
+                                debounce=0.5, max_delay=1)
+        failing = wait_for(lambda: (s := read_status(status_file)) and s.failures > 0 and s, 60,
+                           "the watcher to record the full drive")
+        assert failing.state == "failing" and "is full" in failing.last_error
+        assert failing.last_error_at is not None and failing.snapshots == 0
+
+        with pg.connect() as conn:
+            conn.execute("DROP TABLE big")
+        recovered = wait_for(lambda: (s := read_status(status_file)) and s.snapshots > 0 and s, 120,
+                             "the watcher to retry once there is room again")
+        assert recovered.last_error is None and recovered.last_id == list_generations(small_drive)[0].id
+        assert all(info.ok for info in list_generations(small_drive, deep=True))
+    finally:
+        if watcher is not None:
+            procs.kill_tree([watcher])
+        pg.stop()
