@@ -7,12 +7,13 @@
     installer.connect("https://<host>/?token=<token>")   # on another machine
 """
 
-from .api import config, connect, connection, down, log_files, rotate_token, settings, status, token, up
+from .api import (config, connect, connection, down, log_files, restore, rotate_token, settings, snapshot, status,
+                  token, up)
 from .errors import StackError
 
 # Another distribution (PyPA's wheel installer) uses the import name `installer`;
 # this marker lets our entry points tell the two apart.
 IS_METAFLOW_STACK = True
 
-__all__ = ["StackError", "config", "connect", "connection", "down", "log_files", "rotate_token", "settings",
-           "status", "token", "up"]
+__all__ = ["StackError", "config", "connect", "connection", "down", "log_files", "restore", "rotate_token",
+           "settings", "snapshot", "status", "token", "up"]

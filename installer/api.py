@@ -42,6 +42,16 @@ def status(**flags: Any) -> stack.StackStatus:
     return stack.status(resolve(flags))
 
 
+def snapshot(**flags: Any) -> Any:
+    """Take a snapshot now and publish it; returns the new generation."""
+    return stack.take_snapshot(resolve(flags))
+
+
+def restore(force: bool = False, **flags: Any) -> Any:
+    """Restore the newest good snapshot into an empty PGDATA_DIR (or move a non-empty one aside with force)."""
+    return stack.restore(resolve(flags), force=force)
+
+
 def token(**flags: Any) -> str | None:
     """The access token browsers and API clients present; None when access control is off."""
     resolved = resolve(flags)

@@ -21,7 +21,7 @@ def _settings_parser() -> argparse.ArgumentParser:
     group = parent.add_argument_group("settings (flag > environment variable > default)")
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        if setting.parse is bool or setting.name == "no_auth":
+        if setting.switch:
             group.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None,
                                help=f"{setting.help} [{setting.env}]")
         else:
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines to show (default 40)")
     verbs.add_parser("config", parents=[common], help="show every setting and where its value comes from")
+    verbs.add_parser("snapshot", parents=[common], help="take a snapshot now and publish it")
+    restore = verbs.add_parser("restore", parents=[common], help="restore the newest good snapshot (stack down)")
+    restore.add_argument("--force", action="store_true",
+                         help="move a non-empty data folder aside (to <PGDATA_DIR>.replaced-<time>) first")
     verbs.add_parser("url", parents=[common], help="print the connection string (URL and access token)")
     verbs.add_parser("rotate-token", parents=[common], help="replace the access token (old links stop working)")
     connect = verbs.add_parser("connect", help="point this machine's Metaflow client at a stack",
@@ -102,6 +106,15 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
         return 0 if status.running else 3
     if args.verb == "logs":
         return _logs(args, flags, printer)
+    if args.verb == "snapshot":
+        generation = api.snapshot(**flags)
+        printer.line(f"published snapshot {generation.id}: {generation.files} files, "
+                     f"{generation.uploaded / 1e6:.1f} MB written, {generation.duration_s:.1f} s")
+        return 0
+    if args.verb == "restore":
+        report = api.restore(force=args.force, **flags)
+        printer.restore(report)
+        return 0
     if args.verb == "url":
         printer.line(api.connection(**flags))
         return 0

@@ -47,10 +47,24 @@ class Printer:
             self.line(f"  {row.name:<11} {health:<9} {port:<10} {pid:<10} {uptime}")
         if status.schema_version is not None:
             self.line(f"  schema version {status.schema_version}")
+        if status.restored:
+            self.line(self._paint(status.restored, "1"))
+        if status.snapshot is not None:
+            self.line(f"  snapshots: {_snapshot_line(status.snapshot)}")
+        else:
+            self.line(self._paint("  snapshots: OFF (local-only mode: the database dies with this machine)", "33"))
         if status.running:
             self.line("")
             self.line(f"UI:               {status.urls['ui']}" + (f"?token={token}" if token else ""))
             self.line(f"metadata service: {status.urls['metadata_service']}")
+
+    def restore(self, report: Any) -> None:
+        self.line(f"restored snapshot {report.generation} into {report.pgdata}: {report.files} files, "
+                  f"{report.size / 1e6:.1f} MB, {report.duration_s:.1f} s")
+        for generation, why in report.skipped:
+            self.line(self._paint(f"  skipped {generation}: {why}", "33"))
+        if report.replaced:
+            self.line(f"  the previous data folder was moved to {report.replaced}")
 
     def json(self, data: Any) -> None:
         self.line(json.dumps(data, indent=2, default=str))
@@ -66,3 +80,14 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m"
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _snapshot_line(info: dict) -> str:
+    if info["generation"] is None:
+        line = f"none yet ({info['folder']})"
+    else:
+        size = "" if info["size_bytes"] is None else f", {info['size_bytes'] / 1e6:.1f} MB"
+        line = f"last {info['generation']}, {_duration(info['age_seconds'] or 0)} ago{size} ({info['folder']})"
+    if info["error"]:
+        line += f"\n    last attempt FAILED: {info['error']}"
+    return line

@@ -3,13 +3,15 @@
     /healthz     {"status": "ok"} or 503 {"status": "degraded"}; no credentials, nothing else revealed
     /service/... metadata service, "/service" stripped (writes included: the Metaflow client posts here)
     /api/...     UI backend, prefix kept (it runs with PATH_PREFIX=/api); /api/ws websockets relayed
+    /s3/...      the object store (with --s3-socket), "/s3" stripped; AWS SigV4 instead of the token
     /...         the UI bundle from --static-dir; client-side routes fall back to index.html
 
 Run as its own long-lived process (the stack supervisor spawns it):
 
     python -m installer.proxy --listen-host 127.0.0.1 --listen-port 7860 \\
         --metadata-url http://127.0.0.1:8080 --ui-backend-url http://127.0.0.1:8083 \\
-        --static-dir DIR --token-file PATH [--no-auth]
+        --static-dir DIR --token-file PATH [--no-auth] \\
+        [--s3-socket PATH [--s3-internal-secret-file PATH]]
 
 Why aiohttp: one library gives the server, the client with a shared connection
 pool, and websockets on both sides, all on one event loop, so a request body or
@@ -33,6 +35,11 @@ Access control (on unless --no-auth, which is refused on non-loopback addresses)
   recent failures (bounded, decaying, asyncio.sleep: the loop keeps serving).
 - Tokens never reach the log: the access log redacts token-like query
   parameters and no header is logged.
+- `/s3/` is for S3 clients (boto3, Metaflow's datastore), which cannot send the
+  token: there a request must be signed (AWS SigV4, header or presigned URL)
+  with the credentials derived from the token, or the stack-internal pair
+  (installer/s3auth.py); anything else gets S3's 403 XML. The signature covers
+  the Host as received, i.e. the public host name behind the tunnel.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import ConfigError, StackError
+from .s3auth import CredentialSource, S3AuthError
+from .s3auth import verify as verify_sigv4
 from .secrets import read_or_create_secret, read_secret
 
 __all__ = ["API_KEY_HEADER", "COOKIE_NAME", "ProxyConfig", "build_app", "cookie_value", "main", "serve"]
@@ -79,7 +88,9 @@ _IMMUTABLE = "public, max-age=31536000, immutable"
 _WS_MAX_MESSAGE = 64 * 1024 * 1024
 _HEALTH_CACHE_S = 1.0
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_REDACTED_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "x-api-key", "key", "password"})
+_REDACTED_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "x-api-key", "key", "password",
+                              "x-amz-signature", "x-amz-security-token"})
+S3_PREFIX = "/s3"
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones this proxy sets itself.
 _HOP_BY_HOP = frozenset({
@@ -115,6 +126,9 @@ class ProxyConfig:
     failure_delay_cap: float = 2.0
     failure_allowance: int = 3
     shutdown_timeout: float = 3.0
+    s3_socket: Path | None = None              # the object store's unix socket; None: no /s3 route
+    s3_internal_secret_file: Path | None = None
+    s3_max_body: int = 512 * 1024 * 1024       # one request's body (multipart parts are far smaller)
 
 
 def _is_loopback(host: str) -> bool:
@@ -370,6 +384,15 @@ def _login_page(error: str | None = None) -> web.Response:
     return response
 
 
+def _s3_error(status: int, code: str, message: str, resource: str, head: bool = False) -> web.Response:
+    body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{html.escape(code)}</Code><Message>{html.escape(message)}</Message>"
+            f"<Resource>{html.escape(resource)}</Resource></Error>")
+    response = web.Response(status=status, body=None if head else body.encode(), content_type="application/xml")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def _area(path: str) -> str:
     for prefix in ("/api", "/service"):
         if path == prefix or path.startswith(prefix + "/"):
@@ -419,6 +442,12 @@ class _Proxy:
         self.throttle = FailureThrottle(config.failure_delay_base, config.failure_delay_cap,
                                         config.failure_allowance)
         self.session: aiohttp.ClientSession | None = None
+        self.s3: _Upstream | None = None
+        self.s3_session: aiohttp.ClientSession | None = None
+        if config.s3_socket is not None:
+            self.s3 = _Upstream("object store", URL("http://objectstore"), "/")
+            self.s3_credentials = CredentialSource(None if config.no_auth else config.token_file,
+                                                   config.s3_internal_secret_file)
         self._health: tuple[float, bool] | None = None
         self._health_lock = asyncio.Lock()
         self._http_timeout = aiohttp.ClientTimeout(total=None, connect=None,
@@ -435,10 +464,18 @@ class _Proxy:
         self.session = aiohttp.ClientSession(connector=connector, timeout=self._http_timeout,
                                              auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                                              trust_env=False, raise_for_status=False)
+        if self.config.s3_socket is not None:
+            self.s3_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.config.s3_socket), limit=self.config.pool_size,
+                                                keepalive_timeout=4.0),
+                timeout=self._http_timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False, raise_for_status=False)
 
     async def stop(self, app: web.Application) -> None:
         if self.session is not None:
             await self.session.close()
+        if self.s3_session is not None:
+            await self.s3_session.close()
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -449,6 +486,8 @@ class _Proxy:
             return _json(400, {"error": "request target must be a path"})
         if path == "/healthz":
             return await self.healthz(request)
+        if self.s3 is not None and (path == S3_PREFIX or path.startswith(S3_PREFIX + "/")):
+            return await self.s3_request(request)
         area = _area(path)
         if area == "ui" and "token" in request.query and request.method in ("GET", "HEAD"):
             return await self.token_login(request)
@@ -531,10 +570,11 @@ class _Proxy:
 
     # -- health ----------------------------------------------------------------------------------
 
-    async def _answers(self, upstream: _Upstream) -> bool:
-        assert self.session is not None
+    async def _answers(self, upstream: _Upstream, session: aiohttp.ClientSession | None = None) -> bool:
+        session = session or self.session
+        assert session is not None
         try:
-            async with self.session.get(upstream.url(upstream.health_path),
+            async with session.get(upstream.url(upstream.health_path),
                                         timeout=aiohttp.ClientTimeout(total=3)) as response:
                 await response.read()
                 return response.status < 500
@@ -546,7 +586,10 @@ class _Proxy:
         async with self._health_lock:
             now = time.monotonic()
             if self._health is None or now - self._health[0] > _HEALTH_CACHE_S:
-                results = await asyncio.gather(self._answers(self.metadata), self._answers(self.ui))
+                checks = [self._answers(self.metadata), self._answers(self.ui)]
+                if self.s3 is not None:
+                    checks.append(self._answers(self.s3, self.s3_session))
+                results = await asyncio.gather(*checks)
                 self._health = (time.monotonic(), all(results))
             healthy = self._health[1]
         if healthy:
@@ -555,12 +598,17 @@ class _Proxy:
 
     # -- HTTP forwarding -------------------------------------------------------------------------
 
-    async def forward(self, request: web.Request, upstream: _Upstream, target: str) -> web.StreamResponse:
-        assert self.session is not None
+    async def forward(self, request: web.Request, upstream: _Upstream, target: str,
+                      session: aiohttp.ClientSession | None = None,
+                      drop: Iterable[str] = ()) -> web.StreamResponse:
+        session = session or self.session
+        assert session is not None
         headers = _request_headers(request)
+        for name in drop:
+            headers.popall(name, None)
         body = request.content if request.body_exists else None
         try:
-            upstream_response = await self.session.request(
+            upstream_response = await session.request(
                 request.method, upstream.url(target), headers=headers, data=body, allow_redirects=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 compress=None, chunked=None)
@@ -604,6 +652,28 @@ class _Proxy:
                 return response
             await response.write_eof()
             return response
+
+    # -- object store ----------------------------------------------------------------------------
+
+    async def s3_request(self, request: web.Request) -> web.StreamResponse:
+        """An S3 request: admitted by its SigV4 signature (not the token), then relayed without "/s3"."""
+        assert self.s3 is not None
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        head = request.method == "HEAD"
+        if not self.config.no_auth:
+            try:
+                verify_sigv4(request.method, raw_path, raw_query, request.headers, self.s3_credentials)
+            except S3AuthError as exc:
+                if exc.status == 403:
+                    await self._penalise(request)
+                return _s3_error(exc.status, exc.code, exc.message, raw_path, head)
+        if (request.content_length or 0) > self.config.s3_max_body:
+            return _s3_error(400, "EntityTooLarge", f"one request may carry at most {self.config.s3_max_body} "
+                             "bytes; upload larger objects in parts (multipart upload)", raw_path, head)
+        rest = request.raw_path[len(S3_PREFIX):]
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        return await self.forward(request, self.s3, rest, session=self.s3_session, drop=("authorization",))
 
     # -- websockets ------------------------------------------------------------------------------
 
@@ -798,6 +868,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ui-backend-url", default="http://127.0.0.1:8083")
     parser.add_argument("--static-dir", required=True, type=Path, help="folder with the UI bundle (index.html)")
     parser.add_argument("--token-file", type=Path, help="0600 file holding the access token (created if missing)")
+    parser.add_argument("--s3-socket", type=Path, help="the object store's unix socket: serve it under /s3/")
+    parser.add_argument("--s3-internal-secret-file", type=Path,
+                        help="0600 file with the stack-internal S3 secret (also accepted on /s3/)")
     parser.add_argument("--no-auth", action="store_true",
                         help="no access control; refused unless listening on a loopback address")
     return parser
@@ -812,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ProxyConfig(listen_host=args.listen_host, listen_port=args.listen_port,
                          metadata_url=args.metadata_url, ui_backend_url=args.ui_backend_url,
                          static_dir=args.static_dir, token_file=args.token_file,
-                         no_auth=args.no_auth)
+                         no_auth=args.no_auth, s3_socket=args.s3_socket,
+                         s3_internal_secret_file=args.s3_internal_secret_file)
     try:
         serve(config)
     except StackError as exc:

@@ -82,11 +82,11 @@ class Service:
     container: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     guest_marker: str | None = None
-    secret_env: Mapping[str, str] = field(default_factory=dict)  # written to env_file, never to argv
-    env_file: Path | None = None
+    secret_files: Mapping[Path, str] = field(default_factory=dict)  # written 0600 before start, never in argv
     host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
     depends_on: tuple[str, ...] = ()
     on_ready: Callable[[Progress], str | None] | None = None
+    before_stop: Callable[[Progress], str | None] | None = None
 
     @property
     def in_container(self) -> bool:
@@ -169,15 +169,26 @@ def waves(services: list[Service]) -> list[list[Service]]:
     return groups
 
 
-def define(settings: Settings, udocker: Udocker, secrets: Secrets,
-           prepare_database: Callable[[Progress], str | None]) -> list[Service]:
+@dataclass(frozen=True)
+class Hooks:
+    """What the stack does around a service's life: set the database up, take the final snapshot."""
+
+    prepare_database: Callable[[Progress], str | None]
+    final_snapshot: Callable[[Progress], str | None]
+
+
+def _env_file(values: Mapping[str, str]) -> str:
+    return "".join(f"{key}={value}\n" for key, value in values.items())
+
+
+def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks) -> list[Service]:
     """The stack, in start order."""
     service_box = service_container(settings)
     datastore = str(settings.datastore_dir)
-    ui_cache = settings.root / "cache" / "ui-backend"
+    ui_cache = settings.cache_dir / "ui-backend"
     pg_env_file = settings.secrets_dir / "postgres.env"
     db_env_file = settings.secrets_dir / "service-db.env"
-    db_secret = {"MF_METADATA_DB_PSWD": secrets.db_password}
+    db_secret = {db_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password})}
     postgres = Service(
         name="postgres",
         title="PostgreSQL",
@@ -188,12 +199,12 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
             postgres_container(settings), ["/bin/bash", "-c", _postgres_script()],
             env={"MFSTACK_DB_PORT": str(settings.db_port)}, env_file=pg_env_file,
             volumes=[(settings.pgdata_dir, PG_GUEST_DATA)])),
-        secret_env={"MFSTACK_DB_PASSWORD": secrets.db_password},
-        env_file=pg_env_file,
+        secret_files={pg_env_file: _env_file({"MFSTACK_DB_PASSWORD": secrets.db_password})},
         host_dirs=(settings.pgdata_dir,),
         health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres")),
         stop=StopPolicy.POSTMASTER,
-        on_ready=prepare_database,
+        on_ready=hooks.prepare_database,
+        before_stop=hooks.final_snapshot,
     )
     metadata = Service(
         name="metadata",
@@ -206,8 +217,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
             env={**_database_env(settings), "MF_METADATA_HOST": "127.0.0.1",
                  "MF_METADATA_PORT": str(settings.metadata_port)}, env_file=db_env_file,
             volumes=[(settings.datastore_dir, datastore)], workdir="/root")),
-        secret_env=db_secret,
-        env_file=db_env_file,
+        secret_files=db_secret,
         host_dirs=(settings.datastore_dir,),
         health=Health("http", f"http://127.0.0.1:{settings.metadata_port}/ping", expect="pong"),
         stop=StopPolicy.GUEST_TERM,
@@ -232,8 +242,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
                  "PYTHONPATH": "/root",
                  "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=db_env_file,
             volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache))])),
-        secret_env=db_secret,
-        env_file=db_env_file,
+        secret_files=db_secret,
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
@@ -256,7 +265,22 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
         stop=StopPolicy.HOST_TERM,
         depends_on=("metadata", "ui-backend"),
     )
-    monitor = Service(
+    services = [postgres, metadata, ui_backend, proxy]
+    if not settings.no_snapshots:
+        dsn_file = settings.secrets_dir / "snapshot.dsn"
+        services.append(Service(
+            name="snapshots",
+            title="snapshot watcher",
+            port=0,
+            argv=(sys.executable, "-m", "installer.watcher", "--pgdata", str(settings.pgdata_dir),
+                  "--dest", str(settings.snapshot_dir), "--dsn-file", str(dsn_file),
+                  "--status-file", str(snapshot_status_file(settings)), "--keep", str(settings.snapshot_keep)),
+            secret_files={dsn_file: dsn(settings, secrets.db_password, dbname="postgres") + "\n"},
+            health=Health("process", ""),
+            stop=StopPolicy.HOST_TERM,
+            depends_on=("postgres",),
+        ))
+    services.append(Service(
         name="monitor",
         title="monitor (restarts what dies)",
         port=0,
@@ -264,5 +288,9 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets,
         health=Health("process", ""),
         stop=StopPolicy.HOST_TERM,
         depends_on=("proxy",),
-    )
-    return [postgres, metadata, ui_backend, proxy, monitor]
+    ))
+    return services
+
+
+def snapshot_status_file(settings: Settings) -> Path:
+    return settings.state_dir / "snapshot-status.json"

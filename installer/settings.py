@@ -26,7 +26,11 @@ class Setting:
     help: str
     default: Callable[[dict[str, Any]], Any]
     parse: Callable[[str], Any] = str
-    flag: bool = True  # exposed as --name on the CLI
+
+    @property
+    def switch(self) -> bool:
+        """A yes/no setting: a flag without a value on the command line."""
+        return self.parse is _flag
 
 
 def _path(value: str) -> Path:
@@ -41,6 +45,26 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise ConfigError(f"port out of range: {port}", hint="use a number between 1024 and 65535")
     return port
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"must be at least 1: {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"not a number of seconds: {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"must be more than 0 seconds: {number}")
+    return number
 
 
 def _flag(value: str) -> bool:
@@ -90,8 +114,14 @@ SETTINGS: tuple[Setting, ...] = (
             lambda s: False, _flag),
     Setting("snapshot_dir", "MF_SNAPSHOT_DIR", "where snapshots are published (Google Drive on Colab)",
             lambda s: s["root"] / "snapshots", _path),
+    Setting("no_snapshots", "MF_NO_SNAPSHOTS", "local-only mode: no snapshots (the database dies with this machine)",
+            lambda s: False, _flag),
+    Setting("snapshot_keep", "MF_SNAPSHOT_KEEP", "snapshot generations to keep",
+            lambda s: 5, _count),
+    Setting("cache_dir", "MF_CACHE_DIR", "caches that need not survive the machine (keep on local disk)",
+            lambda s: _path("~/.cache/metaflow-stack"), _path),
     Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
-            lambda s: 120.0, float),
+            lambda s: 120.0, _seconds),
     Setting("tunnel", "MF_TUNNEL", "publish the entry point through a Cloudflare quick tunnel",
             lambda s: False, _flag),
     Setting("cloudflared", "MF_CLOUDFLARED", "an existing cloudflared binary (default: download the pinned release)",
@@ -120,6 +150,9 @@ class Settings:
     token: str | None
     no_auth: bool
     snapshot_dir: Path
+    no_snapshots: bool
+    snapshot_keep: int
+    cache_dir: Path
     start_timeout: float
     tunnel: bool
     cloudflared: str | None

@@ -609,6 +609,32 @@ def list_generations(dest: Path | str, *, deep: bool = False) -> list[Generation
     return found
 
 
+def database_state(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+    """(pg_current_snapshot(), system identifier): the first changes only when a writing transaction ends."""
+    row = conn.execute("SELECT pg_current_snapshot()::text,"
+                       " (SELECT system_identifier FROM pg_control_system())::text").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def newest_baseline(dest: Path | str, system_id: str) -> str | None:
+    """The database state the newest good generation of this cluster covers, if any."""
+    try:
+        newest = next((info for info in list_generations(dest) if info.ok), None)
+    except OSError:
+        return None
+    if newest is None or newest.system_identifier != system_id:
+        return None
+    return newest.xact_snapshot
+
+
+def unchanged_since_last(dsn: str, dest: Path | str) -> bool:
+    """True when the newest good generation already holds everything the database has committed."""
+    with _connect(dsn) as conn:
+        current, system_id = database_state(conn)
+    return newest_baseline(dest, system_id) == current
+
+
 def _prune(dest: Path, keep: int) -> list[str]:
     """Drop generations older than the newest `keep` good ones, then chunks nothing references."""
     good = 0

@@ -22,12 +22,12 @@ from pathlib import Path
 import psycopg
 import requests
 
-from . import procs, runtime, schema, tunnel
-from .connection import write_connection_file
-from .errors import ConfigError, PortInUse, ServiceFailed, StackBusy, StackError
+from . import procs, runtime, schema, snapshot, tunnel
+from .connection import read_connection_file, write_connection_file
+from .errors import ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .secrets import read_or_create_secret
-from .services import (DB_NAME, Health, Progress, Secrets, Service, StopPolicy, define, dsn, migrations_dir,
-                       waves)
+from .services import (DB_NAME, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
+                       migrations_dir, snapshot_status_file, waves)
 from .settings import Settings
 from .settings import save as save_settings
 
@@ -68,6 +68,11 @@ class StackStatus:
     urls: dict[str, str]
     already_running: bool = False
     steps: list[dict] = field(default_factory=list)
+    # Last snapshot: generation, age_seconds, size_bytes, error (None when snapshots are off).
+    snapshot: dict | None = None
+    # Set by `up` when it restored the database from a snapshot: which generation, from where.
+    restored: str | None = None
+    connection_string: str | None = None
 
     @property
     def running(self) -> bool:
@@ -103,7 +108,28 @@ def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
         applied = f"applied {len(report.applied)} migration(s)" if report.applied else "up to date"
         return f"schema version {report.version} ({applied})"
 
-    return _Stack(settings, udocker, secrets, define(settings, udocker, secrets, prepare_database))
+    def final_snapshot(step_progress: Progress) -> str | None:
+        if settings.no_snapshots:
+            return None
+        admin_dsn = dsn(settings, secrets.db_password, dbname="postgres")
+        if snapshot.unchanged_since_last(admin_dsn, settings.snapshot_dir):
+            return "final snapshot not needed: nothing changed since the last one"
+        step_progress("taking the final snapshot")
+        generation = snapshot.take_snapshot(admin_dsn, settings.pgdata_dir, settings.snapshot_dir,
+                                            settings.snapshot_keep)
+        _record_snapshot(settings, generation)
+        return f"final snapshot {generation.id} ({_size(generation.size)})"
+
+    hooks = Hooks(prepare_database=prepare_database, final_snapshot=final_snapshot)
+    return _Stack(settings, udocker, secrets, define(settings, udocker, secrets, hooks))
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
 
 
 def _ensure_database(settings: Settings, password: str) -> None:
@@ -151,7 +177,8 @@ def _recorded(settings: Settings, name: str) -> dict | None:
 
 def _record(settings: Settings, service: Service, pid: int) -> None:
     info = procs.proc_info(pid)
-    data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None}
+    data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None,
+            "boot_id": procs.boot_id()}
     tmp = _state_file(settings, service.name).with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(_state_file(settings, service.name))
@@ -162,6 +189,8 @@ def _live_pid(settings: Settings, name: str) -> int | None:
     data = _recorded(settings, name)
     if not data:
         return None
+    if data.get("boot_id") != procs.boot_id():
+        return None  # recorded on another machine, or before a reboot: MF_ROOT may live on Drive
     info = procs.proc_info(int(data["pid"]))
     if info is None or (data.get("start_ticks") is not None and info.start_ticks != data["start_ticks"]):
         return None
@@ -208,6 +237,13 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
             status.already_running = True
             return status
         step("images", lambda p: _pull_images(stack, p))
+        restored = None
+        if not settings.no_snapshots:
+            step("snapshots", lambda p: _check_snapshot_dir(settings))
+            if _is_empty(settings.pgdata_dir):
+                holder["restored"] = None
+                step("restore", lambda p: _restore_if_any(settings, holder, p))
+                restored = holder["restored"]
         for wave in waves(stack.services):
             # Services of one wave need only what already runs: start them side by side.
             with ThreadPoolExecutor(max_workers=len(wave)) as pool:
@@ -221,7 +257,36 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
                                   {"tunnel": False})
         status = _status(settings, stack)
         status.steps = steps
+        status.restored = restored
         return status
+
+
+def _is_empty(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def _check_snapshot_dir(settings: Settings) -> str:
+    try:
+        snapshot.check_destination(settings.snapshot_dir, create=True)
+    except SnapshotError as exc:
+        raise SnapshotError(exc.message, hint=(exc.hint + "; " if exc.hint else "") +
+                            "or run with --no-snapshots for local-only mode (the database then dies "
+                            "with this machine)") from exc
+    count = sum(1 for g in snapshot.list_generations(settings.snapshot_dir) if g.ok)
+    return f"publishing to {settings.snapshot_dir} ({count} good generation(s) there)"
+
+
+def _restore_if_any(settings: Settings, holder: dict, progress: Progress) -> str:
+    if not any(g.ok for g in snapshot.list_generations(settings.snapshot_dir)):
+        return "nothing to restore: a new database will be created"
+    progress(f"restoring the newest good snapshot from {settings.snapshot_dir}")
+    report = snapshot.restore(settings.snapshot_dir, settings.pgdata_dir)
+    taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.created))
+    sentence = f"restored the database from snapshot {report.generation} (taken {taken}) in {settings.snapshot_dir}"
+    if report.skipped:
+        sentence += "; skipped " + "; ".join(f"{gen} ({why})" for gen, why in report.skipped)
+    holder["restored"] = sentence
+    return sentence
 
 
 def _token(settings: Settings) -> str | None:
@@ -341,13 +406,12 @@ def _start(stack: _Stack, service: Service, progress: Progress) -> str | None:
 def _prepare_files(service: Service) -> None:
     for folder in service.host_dirs:
         folder.mkdir(parents=True, exist_ok=True)
-    if service.env_file:
-        text = "".join(f"{key}={value}\n" for key, value in service.secret_env.items())
-        tmp = service.env_file.with_suffix(".tmp")
+    for path, text in service.secret_files.items():
+        tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        tmp.replace(service.env_file)
+        tmp.replace(path)
 
 
 def _check_port(service: Service) -> None:
@@ -411,6 +475,14 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
                 continue
             report(Event(service.name, "stopping"))
             began = time.monotonic()
+            if service.before_stop:
+                try:
+                    detail = service.before_stop(lambda line, n=service.name: report(Event(n, line)))
+                    if detail:
+                        report(Event(service.name, detail))
+                except StackError as exc:
+                    # Stopping must go on; the watcher's last snapshot stays the newest good one.
+                    report(Event(service.name, f"final snapshot failed: {exc.message}"))
             _stop(stack, service, pid)
             _state_file(settings, service.name).unlink(missing_ok=True)
             stopped.append(service.name)
@@ -493,7 +565,60 @@ def _status(settings: Settings, stack: _Stack) -> StackStatus:
                 version = schema.current_version(conn)
     base = f"http://127.0.0.1:{settings.port}"
     urls = {"ui": f"{base}/", "metadata_service": f"{base}/service", "ui_backend": f"{base}/api"}
-    return StackStatus(str(settings.root), rows, version, urls)
+    saved = read_connection_file(settings.root)
+    if saved and saved.get("tunnel"):
+        urls["public"] = saved["url"]
+    return StackStatus(str(settings.root), rows, version, urls, snapshot=_snapshot_summary(settings),
+                       connection_string=saved.get("connection_string") if saved else None)
+
+
+def _snapshot_summary(settings: Settings) -> dict | None:
+    """The last snapshot, as the watcher (or `down`, or `snapshot`) recorded it."""
+    if settings.no_snapshots:
+        return None
+    recorded = snapshot.read_status(snapshot_status_file(settings))
+    summary = {"folder": str(settings.snapshot_dir), "generation": None, "age_seconds": None,
+               "size_bytes": None, "error": None, "state": "not started"}
+    if recorded is not None:
+        summary.update(generation=recorded.last_id, size_bytes=recorded.last_size, error=recorded.last_error,
+                       state=recorded.state,
+                       age_seconds=None if recorded.age_s is None else round(recorded.age_s, 1))
+    return summary
+
+
+def take_snapshot(settings: Settings) -> snapshot.Generation:
+    """A snapshot now, while PostgreSQL runs; recorded where `status` looks."""
+    if settings.no_snapshots:
+        raise ConfigError("snapshots are off (--no-snapshots)", hint="start the stack without --no-snapshots")
+    if _live_pid(settings, "postgres") is None:
+        raise StackError("PostgreSQL is not running; a snapshot needs it",
+                         hint="run `up` first (`down` already took a final snapshot)")
+    _check_snapshot_dir(settings)
+    secrets = _secrets(settings)
+    generation = snapshot.take_snapshot(dsn(settings, secrets.db_password, dbname="postgres"),
+                                        settings.pgdata_dir, settings.snapshot_dir, settings.snapshot_keep)
+    _record_snapshot(settings, generation)
+    return generation
+
+
+def _record_snapshot(settings: Settings, generation: snapshot.Generation) -> None:
+    path = snapshot_status_file(settings)
+    recorded = snapshot.read_status(path) or snapshot.SnapshotStatus(state="stopped")
+    recorded.last_id, recorded.last_at, recorded.last_size = generation.id, generation.created, generation.size
+    recorded.last_uploaded, recorded.last_duration_s = generation.uploaded, generation.duration_s
+    recorded.last_error = recorded.last_error_at = None
+    recorded.snapshots += 1
+    recorded.updated_at = time.time()
+    snapshot.write_status(path, recorded)
+
+
+def restore(settings: Settings, force: bool = False) -> snapshot.RestoreReport:
+    """Restore the newest good snapshot into PGDATA_DIR; the stack must be down."""
+    with _lock(settings, "restore"):
+        if _live_pid(settings, "postgres") is not None:
+            raise StackError("PostgreSQL is running on this data folder", hint="run `down` first")
+        snapshot.check_destination(settings.snapshot_dir, writable=False)
+        return snapshot.restore(settings.snapshot_dir, settings.pgdata_dir, force=force)
 
 
 def service_names(settings: Settings) -> list[str]:

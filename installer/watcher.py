@@ -33,8 +33,8 @@ import psycopg
 from inotify_simple import INotify, flags
 
 from .errors import SnapshotError
-from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, list_generations, read_status,
-                       take_snapshot, write_status)
+from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, database_state, newest_baseline,
+                       read_status, take_snapshot, write_status)
 
 log = logging.getLogger("installer.watcher")
 
@@ -99,10 +99,7 @@ class Watcher:
                 if self.conn is None or self.conn.closed:
                     self.conn = psycopg.connect(self._dsn(), autocommit=True, connect_timeout=10,
                                                 application_name="mf-snapshot-watcher")
-                row = self.conn.execute("SELECT pg_current_snapshot()::text,"
-                                        " (SELECT system_identifier FROM pg_control_system())::text").fetchone()
-                assert row is not None
-                return row[0], row[1]
+                return database_state(self.conn)
             except psycopg.Error as exc:
                 if self.conn is not None:
                     self.conn.close()
@@ -111,15 +108,6 @@ class Watcher:
                     raise SnapshotError(f"cannot reach PostgreSQL: {str(exc).strip()}") from exc
         raise AssertionError("unreachable")
 
-    def _baseline_from_destination(self, system_id: str) -> str | None:
-        try:
-            newest = next((info for info in list_generations(self.dest) if info.ok), None)
-        except OSError:
-            return None
-        if newest is None or newest.system_identifier != system_id:
-            return None
-        return newest.xact_snapshot
-
     # -- one step
 
     def check_and_snapshot(self) -> bool:
@@ -127,7 +115,7 @@ class Watcher:
         current, system_id = self._current_xact_snapshot()
         self.status.checks += 1
         if self.baseline is None:
-            self.baseline = self._baseline_from_destination(system_id)
+            self.baseline = newest_baseline(self.dest, system_id)
         if current == self.baseline:
             self._set_state("watching")
             return False

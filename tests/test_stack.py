@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import psycopg
+import pytest
 
 import installer
 from installer import procs
@@ -36,7 +37,8 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert status.running, status
         steps = {step["step"]: step for step in status.steps}
         assert steps["images"]["detail"].startswith("pulled 2"), steps["images"]
-        assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "proxy", "monitor"]
+        assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "proxy", "snapshots",
+                                                    "monitor"]
         assert status.schema_version is not None and status.schema_version > 0
         assert any(e.step == "postgres" and e.seconds is not None for e in events)
 
@@ -53,7 +55,7 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert run["tasks"]["square"] == 3
 
         stopped = installer.down(**flags)
-        assert stopped == ["monitor", "proxy", "ui-backend", "metadata", "postgres"]
+        assert stopped == ["monitor", "snapshots", "proxy", "ui-backend", "metadata", "postgres"]
         assert _stack_processes(flags) == []
         for port in ("port", "metadata_port", "ui_port", "db_port"):
             assert procs.listener_of(int(flags[port])) is None, port
@@ -87,3 +89,48 @@ def test_status_reports_schema_and_stopped_services(stack: dict) -> None:
     status = installer.status(**stack)
     assert not status.running
     assert {s.state for s in status.services} == {"stopped"}
+
+
+def _db_password(flags: dict) -> str:
+    return (resolve(flags).secrets_dir / "db_password").read_text().strip()
+
+
+def test_fresh_machine_restores_from_the_snapshot_folder(tmp_path: Path, registry: str) -> None:
+    """A new machine (empty data folder) with the old snapshot folder gets the database back."""
+    shared_drive = tmp_path / "drive"
+    first = stack_flags(tmp_path / "machine1", registry)
+    first["snapshot_dir"] = str(shared_drive)
+    try:
+        assert installer.up(**first).restored is None
+        settings = resolve(first)
+        with psycopg.connect(dsn(settings, _db_password(first))) as conn:
+            conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+            conn.execute("INSERT INTO notes VALUES (1, 'kept across machines')")
+    finally:
+        installer.down(**first)
+    status = installer.status(**first)
+    assert status.snapshot is not None and status.snapshot["generation"] is not None
+
+    # The second machine shares only the snapshot folder (and the secrets, which live in MF_ROOT on Drive).
+    second = stack_flags(tmp_path / "machine1", registry)
+    second.update(snapshot_dir=str(shared_drive), pgdata_dir=str(tmp_path / "machine2-pgdata"))
+    try:
+        status = installer.up(**second)
+        assert status.running
+        assert status.restored is not None and "restored the database from snapshot" in status.restored
+        assert status.snapshot["generation"] in status.restored
+        with psycopg.connect(dsn(resolve(second), _db_password(second))) as conn:
+            assert conn.execute("SELECT body FROM notes WHERE id = 1").fetchone() == ("kept across machines",)
+    finally:
+        installer.down(**second)
+
+
+def test_unusable_snapshot_folder_is_refused_with_local_only_way_out(stack: dict, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "drive-file"
+    not_a_folder.write_text("a file where the snapshot folder should be")
+    with pytest.raises(installer.StackError) as caught:
+        installer.up(**{**stack, "snapshot_dir": str(not_a_folder)})
+    assert "--no-snapshots" in str(caught.value)
+    local_only = installer.up(**{**stack, "snapshot_dir": str(not_a_folder), "no_snapshots": True})
+    assert local_only.running and local_only.snapshot is None
+    assert "snapshots" not in [s.name for s in local_only.services]

@@ -1,0 +1,425 @@
+"""The stack's S3-compatible object store: one datastore for every notebook.
+
+    python -m installer.objectstore --data MF_ROOT/objects --listen unix:/tmp/mfstack-.../s3.sock \\
+        [--bucket metaflow] [--max-body BYTES]
+    python -m installer.objectstore --data DIR --listen 127.0.0.1:9000 --token-file PATH [--internal-secret-file PATH]
+
+The S3 protocol is served by LocalBucket (PyPI `localbucket`, MIT): a
+standard-library-only server that keeps each bucket as a folder and each object
+as a plain file under `--data` (MF_ROOT/objects/<bucket>/<key>), so objects
+persist on Drive with the rest of MF_ROOT, survive restarts, and can be read
+with ordinary file tools. It runs here as an ordinary host process (no proot)
+inside this module, which adds what the stack needs around it:
+
+- Listening on a unix socket in a 0700 folder (the stack's way): only this user
+  reaches the store directly; everyone else comes through the proxy's `/s3/`
+  route, which checks the SigV4 signature (installer/s3auth.py) and strips the
+  prefix. LocalBucket itself checks no credentials.
+- Listening on TCP instead (benchmarks, tests) requires --token-file: then the
+  store checks signatures itself, with the same verifier and credentials.
+- Bodies are checked before anything is written: a body shorter than its
+  Content-Length (a client or proxy that went away mid-upload) is refused rather
+  than stored truncated; a signed `x-amz-content-sha256`, `Content-MD5` and
+  `x-amz-checksum-crc32/sha1/sha256` (header or aws-chunked trailer) must match.
+- A request body may not exceed --max-body (LocalBucket holds one in memory;
+  Metaflow uploads anything above 8 MiB in 8 MiB parts).
+- The bucket named by --bucket exists once the store answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import os
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import localbucket
+
+from .errors import ConfigError, StackError
+from .s3auth import (
+    INTERNAL_ACCESS_KEY_ID,
+    REGION,
+    STREAMING_UNSIGNED_TRAILER,
+    UNSIGNED_PAYLOAD,
+    CredentialSource,
+    Credentials,
+    S3AuthError,
+    verify,
+)
+
+__all__ = ["BUCKET", "DATA_ROOT_PREFIX", "DEFAULT_MAX_BODY", "PROXY_PREFIX", "StoreConfig", "client_settings",
+           "datastore_root", "main", "objectstore_service_argv", "serve", "socket_path", "ui_backend_env"]
+
+log = logging.getLogger("installer.objectstore")
+
+BUCKET = "metaflow"
+DATA_ROOT_PREFIX = "data"                 # METAFLOW_DATASTORE_SYSROOT_S3 = s3://metaflow/data
+PROXY_PREFIX = "/s3"                      # the route on the stack's one port
+DEFAULT_MAX_BODY = 512 * 1024 * 1024
+_READ_BLOCK = 1024 * 1024
+
+
+def datastore_root() -> str:
+    return f"s3://{BUCKET}/{DATA_ROOT_PREFIX}"
+
+
+def socket_path(root: Path) -> Path:
+    """Where the store's socket lives for the stack at `root`.
+
+    Not under MF_ROOT: on Colab that is a Drive (FUSE) folder, which cannot hold a
+    socket, and a socket path must stay under 108 bytes. The folder is per user and root.
+    """
+    digest = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mfstack-{os.getuid()}-{digest}" / "s3.sock"
+
+
+# ---------------------------------------------------------------- wiring for the stack
+
+def objectstore_service_argv(data_dir: Path, socket: Path, python: str = sys.executable) -> tuple[str, ...]:
+    """The command the stack supervises for the object store."""
+    return (python, "-m", "installer.objectstore", "--data", str(data_dir), "--listen", f"unix:{socket}",
+            "--bucket", BUCKET)
+
+
+def client_settings(endpoint_url: str, credentials: Credentials) -> dict[str, str]:
+    """METAFLOW_* values that make the Metaflow client keep its data in the stack's store.
+
+    The credentials travel in METAFLOW_DATATOOLS_CLIENT_PARAMS (keyword arguments Metaflow
+    passes to boto3's client(), read from the environment or the Metaflow profile, also
+    by its s3op worker processes), so they touch no AWS profile and no AWS_* variable.
+    """
+    import json
+
+    params = {"aws_access_key_id": credentials.access_key_id,
+              "aws_secret_access_key": credentials.secret_access_key,
+              "region_name": REGION}
+    return {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": datastore_root(),
+        "METAFLOW_S3_ENDPOINT_URL": endpoint_url,
+        "METAFLOW_DATATOOLS_CLIENT_PARAMS": json.dumps(params, sort_keys=True),
+    }
+
+
+def ui_backend_env(proxy_port: int, internal_secret: str, host: str = "127.0.0.1") -> tuple[dict[str, str],
+                                                                                           dict[str, str]]:
+    """(plain env, secret env) for the UI backend container: it reads runs' data from the store.
+
+    It signs with the internal pair, which a token rotation leaves alone. The secret part
+    belongs in a 0600 env file, never on a command line.
+    """
+    plain = {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": datastore_root(),
+        "METAFLOW_S3_ENDPOINT_URL": f"http://{host}:{proxy_port}{PROXY_PREFIX}",
+        "AWS_DEFAULT_REGION": REGION,
+    }
+    secret = {"AWS_ACCESS_KEY_ID": INTERNAL_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": internal_secret}
+    return plain, secret
+
+
+# ---------------------------------------------------------------- request bodies
+
+class _BodyError(localbucket.S3Error):
+    def __init__(self, code: str, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(status, code, message)
+
+
+def _read_exact(stream: BinaryIO, length: int) -> bytes:
+    parts = []
+    left = length
+    while left > 0:
+        block = stream.read(min(left, _READ_BLOCK))
+        if not block:
+            raise _BodyError("IncompleteBody", "You did not provide the number of bytes specified by the "
+                             "Content-Length HTTP header.")
+        parts.append(block)
+        left -= len(block)
+    return b"".join(parts)
+
+
+def _decode_chunks(stream: BinaryIO, limit: int) -> tuple[bytes, dict[str, str]]:
+    """Body and trailers of a chunked (HTTP or aws-chunked) stream; refuses a stream cut short."""
+    out = bytearray()
+    while True:
+        line = stream.readline(4096)
+        if not line.endswith(b"\n"):
+            raise _BodyError("IncompleteBody", "the chunked body ended early")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise _BodyError("InvalidRequest", "a chunk size is not a hex number") from None
+        if size == 0:
+            break
+        if len(out) + size > limit:
+            raise _BodyError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
+        out += _read_exact(stream, size)
+        if stream.readline(4096).strip():
+            raise _BodyError("InvalidRequest", "a chunk is longer than its declared size")
+    trailers: dict[str, str] = {}
+    while True:
+        line = stream.readline(8192)
+        if not line.endswith(b"\n"):
+            raise _BodyError("IncompleteBody", "the chunked body ended before its trailers")
+        text = line.decode("latin-1").strip()
+        if not text:
+            break
+        name, _, value = text.partition(":")
+        trailers[name.strip().lower()] = value.strip()
+    return bytes(out), trailers
+
+
+def _b64_digest(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise _BodyError("InvalidDigest", f"{what} is not base64") from None
+
+
+_CHECKSUMS: dict[str, Callable[[bytes], bytes]] = {
+    "content-md5": lambda data: hashlib.md5(data).digest(),
+    "x-amz-checksum-crc32": lambda data: zlib.crc32(data).to_bytes(4, "big"),
+    "x-amz-checksum-sha1": lambda data: hashlib.sha1(data).digest(),
+    "x-amz-checksum-sha256": lambda data: hashlib.sha256(data).digest(),
+}
+
+
+def check_body(body: bytes, headers: object, trailers: dict[str, str]) -> None:
+    """Raise unless the body matches every digest the request declares (crc32c/crc64 are not checked)."""
+    get = headers.get  # type: ignore[attr-defined]
+    declared = (get("x-amz-content-sha256") or "").strip()
+    if declared and declared not in (UNSIGNED_PAYLOAD, STREAMING_UNSIGNED_TRAILER) \
+            and not declared.startswith("STREAMING-"):
+        if hashlib.sha256(body).hexdigest() != declared.lower():
+            raise _BodyError("XAmzContentSHA256Mismatch",
+                             "The provided 'x-amz-content-sha256' header does not match what was computed.")
+    for name, compute in _CHECKSUMS.items():
+        value = trailers.get(name) or get(name)
+        if value and compute(body) != _b64_digest(value, name):
+            raise _BodyError("BadDigest", f"The {name} you specified did not match what we received.")
+
+
+# ---------------------------------------------------------------- the handler
+
+class _Handler(localbucket.S3Handler):
+    """LocalBucket's handler with complete, verified bodies and (on TCP) signature checks."""
+
+    server: _StoreServer  # type: ignore[assignment]
+
+    def address_string(self) -> str:
+        address = self.client_address
+        return address[0] if isinstance(address, tuple) and address else "local"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the proxy keeps the access log (with presigned signatures redacted)
+
+    def log_error(self, format: str, *args: object) -> None:
+        log.warning("%s", format % args)
+
+    def _dispatch(self, action: Callable[[str, str], None]) -> None:
+        lookup = self.server.lookup
+        if lookup is not None:
+            path, _, query = self.path.partition("?")
+            try:
+                verify(self.command, path, query, self.headers, lookup)
+            except S3AuthError as exc:
+                self._send_error(localbucket.S3Error(HTTPStatus(exc.status), exc.code, exc.message))
+                return
+        super()._dispatch(action)
+
+    def _read_body(self) -> bytes:
+        limit = self.server.max_body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw, _ = _decode_chunks(self.rfile, limit)
+        else:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise _BodyError("InvalidArgument", "Content-Length is not a number") from None
+            if length > limit:
+                raise _BodyError("EntityTooLarge", f"a single request body may hold at most {limit} bytes; "
+                                 "upload larger objects in parts (multipart upload)")
+            raw = _read_exact(self.rfile, length)
+        trailers: dict[str, str] = {}
+        declared = self.headers.get("x-amz-content-sha256", "")
+        if declared.startswith("STREAMING-") or "aws-chunked" in self.headers.get("Content-Encoding", ""):
+            raw, trailers = _decode_chunks(io.BytesIO(raw), limit)
+            decoded = self.headers.get("x-amz-decoded-content-length")
+            if decoded is not None and decoded.strip() != str(len(raw)):
+                raise _BodyError("IncompleteBody", "the body's length differs from x-amz-decoded-content-length")
+        check_body(raw, self.headers, trailers)
+        return raw
+
+    def _send_error(self, error: localbucket.S3Error) -> None:
+        if error.status >= 500:
+            log.warning("%s %s: %s %s", self.command, urlsplit(self.path).path, error.code, error.message)
+        super()._send_error(error)
+
+
+class _StoreServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
+    daemon_threads = True
+    lookup: Callable[[str], str | None] | None = None
+    max_body: int = DEFAULT_MAX_BODY
+
+
+class _UnixServer(_StoreServer, socketserver.UnixStreamServer):
+    pass
+
+
+class _TCPServer(_StoreServer, socketserver.TCPServer):
+    allow_reuse_address = True
+
+
+# ---------------------------------------------------------------- running it
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: Path
+    listen: str                              # unix:PATH or HOST:PORT
+    bucket: str | None = BUCKET
+    token_file: Path | None = None           # check signatures in the store (required on TCP)
+    internal_secret_file: Path | None = None
+    max_body: int = DEFAULT_MAX_BODY
+
+
+def _private_socket_dir(folder: Path) -> None:
+    """Create the socket's folder 0700, or refuse one that someone else could get into."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the object store's socket folder {folder}: {exc.strerror}",
+                          hint="check that the temporary folder is writable") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ConfigError(f"{folder} is not a folder owned by this user",
+                          hint=f"remove {folder}; the store creates it again")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ConfigError(f"{path} exists and is not a socket", hint=f"remove {path}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # left behind by a store that died
+        return
+    finally:
+        probe.close()
+    raise StackError(f"another object store already answers on {path}",
+                     hint="stop it first (python -m installer down), or use another MF_ROOT")
+
+
+def build_server(config: StoreConfig) -> _StoreServer:
+    """Bind the store as configured (raises ConfigError/StackError); serve it with serve_forever()."""
+    data = config.data_dir.expanduser().resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        if config.bucket:
+            (data / config.bucket).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the object store's folder {data}: {exc.strerror}",
+                          hint="check that MF_ROOT is writable (and, on Colab, that Drive is mounted)") from exc
+    handler = type("StoreHandler", (_Handler,), {"data_root": data})
+    server: _StoreServer
+    if config.listen.startswith("unix:"):
+        path = Path(config.listen[len("unix:"):])
+        if len(str(path).encode()) > 100:
+            raise ConfigError(f"socket path too long for a unix socket: {path}", hint="use a shorter path")
+        _private_socket_dir(path.parent)
+        _clear_stale_socket(path)
+        old = os.umask(0o177)
+        try:
+            server = _UnixServer(str(path), handler)
+        finally:
+            os.umask(old)
+        lookup = CredentialSource(config.token_file, config.internal_secret_file) if config.token_file else None
+    else:
+        host, sep, port = config.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"--listen must be unix:PATH or HOST:PORT, not {config.listen!r}")
+        if config.token_file is None:
+            raise ConfigError("a store listening on TCP must check signatures itself",
+                              hint="pass --token-file (or listen on unix:PATH behind the proxy)")
+        try:
+            server = _TCPServer((host.strip("[]") or "127.0.0.1", int(port)), handler)
+        except OSError as exc:
+            raise StackError(f"the object store cannot listen on {config.listen}: {exc.strerror}",
+                             hint="another program holds the port; choose another") from exc
+        lookup = CredentialSource(config.token_file, config.internal_secret_file)
+    server.lookup = lookup
+    server.max_body = config.max_body
+    return server
+
+
+def serve(config: StoreConfig) -> None:
+    """Run the store until SIGTERM or SIGINT."""
+    server = build_server(config)
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("object store serving %s on %s (bucket %s)%s", config.data_dir, config.listen, config.bucket,
+             ", checking signatures" if server.lookup else "")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        if config.listen.startswith("unix:"):
+            Path(config.listen[len("unix:"):]).unlink(missing_ok=True)
+        log.info("stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m installer.objectstore",
+                                     description="The stack's S3-compatible object store (objects as plain files).")
+    parser.add_argument("--data", required=True, type=Path, help="folder holding the buckets (MF_ROOT/objects)")
+    parser.add_argument("--listen", required=True, help="unix:PATH (behind the proxy) or HOST:PORT")
+    parser.add_argument("--bucket", default=BUCKET, help="bucket created at start")
+    parser.add_argument("--token-file", type=Path, help="check signatures made with the token's credentials")
+    parser.add_argument("--internal-secret-file", type=Path, help="also accept the stack-internal credentials")
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest single request body")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("localbucket").setLevel(logging.WARNING)
+    config = StoreConfig(args.data, args.listen, args.bucket or None, args.token_file, args.internal_secret_file,
+                         args.max_body)
+    try:
+        serve(config)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
