@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any, TextIO
 
+from . import humanize
 from .errors import StackError
 from .stack import Event, StackStatus
 
@@ -41,7 +42,7 @@ class Printer:
             health = self._paint("healthy", "32") if row.healthy else self._paint("unhealthy", "31")
             if row.state != "running":
                 health = self._paint(row.state, "33" if row.state == "stopped" else "31")
-            uptime = f"up {_duration(row.uptime)}" if row.uptime is not None else ""
+            uptime = f"up {humanize.duration(row.uptime)}" if row.uptime is not None else ""
             pid = f"pid {row.pid}" if row.pid else ""
             port = f"port {row.port}" if row.port else ""
             self.line(f"  {row.name:<11} {health:<9} {port:<10} {pid:<10} {uptime}")
@@ -73,21 +74,12 @@ class Printer:
         print(self._paint("error: ", "31") + str(error), file=sys.stderr, flush=True)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
 def _snapshot_line(info: dict) -> str:
     if info["generation"] is None:
         line = f"none yet ({info['folder']})"
     else:
-        size = "" if info["size_bytes"] is None else f", {info['size_bytes'] / 1e6:.1f} MB"
-        line = f"last {info['generation']}, {_duration(info['age_seconds'] or 0)} ago{size} ({info['folder']})"
+        size = "" if info["size_bytes"] is None else f", {humanize.size(info['size_bytes'])}"
+        line = f"last {info['generation']}, {humanize.age(info['age_seconds'] or 0)}{size} ({info['folder']})"
     if info["error"]:
         line += f"\n    last attempt FAILED: {info['error']}"
     return line

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from . import procs, runtime, schema, snapshot, tunnel
+from . import humanize, procs, runtime, schema, snapshot, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .secrets import read_or_create_secret
@@ -118,18 +119,10 @@ def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
         generation = snapshot.take_snapshot(admin_dsn, settings.pgdata_dir, settings.snapshot_dir,
                                             settings.snapshot_keep)
         _record_snapshot(settings, generation)
-        return f"final snapshot {generation.id} ({_size(generation.size)})"
+        return f"final snapshot {generation.id} ({humanize.size(generation.size)})"
 
     hooks = Hooks(prepare_database=prepare_database, final_snapshot=final_snapshot)
     return _Stack(settings, udocker, secrets, define(settings, udocker, secrets, hooks))
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count} B"
 
 
 def _ensure_database(settings: Settings, password: str) -> None:
@@ -239,7 +232,7 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         step("images", lambda p: _pull_images(stack, p))
         restored = None
         if not settings.no_snapshots:
-            step("snapshots", lambda p: _check_snapshot_dir(settings))
+            step("snapshot-dir", lambda p: _check_snapshot_dir(settings))
             if _is_empty(settings.pgdata_dir):
                 holder["restored"] = None
                 step("restore", lambda p: _restore_if_any(settings, holder, p))
@@ -407,7 +400,8 @@ def _prepare_files(service: Service) -> None:
     for folder in service.host_dirs:
         folder.mkdir(parents=True, exist_ok=True)
     for path, text in service.secret_files.items():
-        tmp = path.with_suffix(".tmp")
+        # Services of one wave may share a file: each writer gets its own temporary name.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
