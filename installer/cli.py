@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         printer.line("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:

@@ -1,8 +1,8 @@
-"""Console-script entry point that makes sure our `installer` package is the one imported.
+"""`mfstack` / `python -m mfstack`: the command line, reached under a name nobody else uses.
 
-PyPA's wheel installer is also imported as `installer`; when both are installed
-the later one overwrites the other's files and `python -m installer` may run
-the wrong program. Fail with a clear message instead.
+The package is imported as `installer`, a name PyPA's wheel installer uses too;
+when both are installed, `python -m installer` may run the wrong program. This
+entry point checks which `installer` it got and fails with a clear message.
 """
 
 from __future__ import annotations
@@ -23,6 +23,3 @@ def main() -> int:
 
     return cli_main()
 
-
-if __name__ == "__main__":
-    sys.exit(main())
