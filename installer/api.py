@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import stack
-from .connect import ConnectResult
-from .connect import connect as _connect
+from .clientconfig import ConnectResult
+from .clientconfig import connect as _connect
 from .connection import format_connection, read_connection_file, write_connection_file
 from .errors import ConfigError, StackError
 from .secrets import read_or_create_secret, rotate_secret, write_secret
@@ -83,7 +83,7 @@ def rotate_token(**flags: Any) -> str:
 
 def connect(connection: str | None = None, *, url: str | None = None, token: str | None = None,
             profile: str | None = None, root: str | Path | None = None, **options: Any) -> ConnectResult:
-    """Point the Metaflow client of this machine at a stack (see installer.connect.connect)."""
+    """Point the Metaflow client of this machine at a stack (see installer.clientconfig.connect)."""
     return _connect(connection, url=url, token=token, profile=profile, root=root, **options)
 
 

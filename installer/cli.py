@@ -93,6 +93,9 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
         if not status.already_running:
             printer.line(f"stack up in {time.monotonic() - began:.1f} s")
         printer.status(status)
+        if api.settings(**flags).no_auth:
+            printer.warning("access control is OFF (--no-auth): anyone who reaches port "
+                            f"{api.settings(**flags).port} can read and write this stack's runs")
         printer.line(f"connection string: {api.connection(**flags)}")
         return 0
     if args.verb == "down":

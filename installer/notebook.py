@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import api, humanize
-from .connect import ConnectResult
+from .clientconfig import ConnectResult
 from .errors import StackError
 from .stack import Event, StackStatus
 

@@ -59,13 +59,13 @@ from .s3auth import (
     STREAMING_UNSIGNED_TRAILER,
     UNSIGNED_PAYLOAD,
     CredentialSource,
-    Credentials,
     S3AuthError,
     verify,
 )
 
-__all__ = ["BUCKET", "DATA_ROOT_PREFIX", "DEFAULT_MAX_BODY", "PROXY_PREFIX", "StoreConfig", "client_settings",
-           "datastore_root", "main", "objectstore_service_argv", "serve", "socket_path", "ui_backend_env"]
+__all__ = ["BUCKET", "DATA_ROOT_PREFIX", "DEFAULT_MAX_BODY", "PROXY_PREFIX", "StoreConfig",
+           "datastore_root", "main", "objectstore_service_argv", "serve", "socket_path", "store_answers",
+           "ui_backend_env"]
 
 log = logging.getLogger("installer.objectstore")
 
@@ -98,26 +98,6 @@ def objectstore_service_argv(data_dir: Path, socket: Path, python: str = sys.exe
             "--bucket", BUCKET)
 
 
-def client_settings(endpoint_url: str, credentials: Credentials) -> dict[str, str]:
-    """METAFLOW_* values that make the Metaflow client keep its data in the stack's store.
-
-    The credentials travel in METAFLOW_DATATOOLS_CLIENT_PARAMS (keyword arguments Metaflow
-    passes to boto3's client(), read from the environment or the Metaflow profile, also
-    by its s3op worker processes), so they touch no AWS profile and no AWS_* variable.
-    """
-    import json
-
-    params = {"aws_access_key_id": credentials.access_key_id,
-              "aws_secret_access_key": credentials.secret_access_key,
-              "region_name": REGION}
-    return {
-        "METAFLOW_DEFAULT_DATASTORE": "s3",
-        "METAFLOW_DATASTORE_SYSROOT_S3": datastore_root(),
-        "METAFLOW_S3_ENDPOINT_URL": endpoint_url,
-        "METAFLOW_DATATOOLS_CLIENT_PARAMS": json.dumps(params, sort_keys=True),
-    }
-
-
 def ui_backend_env(proxy_port: int, internal_secret: str, host: str = "127.0.0.1") -> tuple[dict[str, str],
                                                                                            dict[str, str]]:
     """(plain env, secret env) for the UI backend container: it reads runs' data from the store.
@@ -133,6 +113,18 @@ def ui_backend_env(proxy_port: int, internal_secret: str, host: str = "127.0.0.1
     }
     secret = {"AWS_ACCESS_KEY_ID": INTERNAL_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": internal_secret}
     return plain, secret
+
+
+def store_answers(path: Path, timeout: float = 2.0) -> bool:
+    """True when a store answers HTTP on the unix socket `path` (a health check for the supervisor)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(16).split(b" ")[1:2] == [b"200"]
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- request bodies
@@ -268,8 +260,8 @@ class _Handler(localbucket.S3Handler):
         return raw
 
     def _send_error(self, error: localbucket.S3Error) -> None:
-        if error.status >= 500:
-            log.warning("%s %s: %s %s", self.command, urlsplit(self.path).path, error.code, error.message)
+        level = logging.WARNING if error.status >= 500 else logging.INFO
+        log.log(level, "%s %s refused: %s (%s)", self.command, urlsplit(self.path).path, error.code, error.message)
         super()._send_error(error)
 
 
@@ -389,7 +381,12 @@ def serve(config: StoreConfig) -> None:
     finally:
         server.server_close()
         if config.listen.startswith("unix:"):
-            Path(config.listen[len("unix:"):]).unlink(missing_ok=True)
+            path = Path(config.listen[len("unix:"):])
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # only if empty: it is ours, made at start
+            except OSError:
+                pass
         log.info("stopped")
 
 

@@ -70,6 +70,9 @@ class Printer:
     def json(self, data: Any) -> None:
         self.line(json.dumps(data, indent=2, default=str))
 
+    def warning(self, text: str) -> None:
+        print(self._paint("WARNING: ", "1;33") + text, file=sys.stderr, flush=True)
+
     def error(self, error: StackError) -> None:
         print(self._paint("error: ", "31") + str(error), file=sys.stderr, flush=True)
 

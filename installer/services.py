@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .objectstore import objectstore_service_argv, socket_path, ui_backend_env
 from .runtime import Udocker, container_name
 from .settings import Settings
 
@@ -65,8 +66,8 @@ class StopPolicy(enum.Enum):
 class Health:
     """How to ask a service whether it is ready: a PostgreSQL query or an HTTP GET."""
 
-    kind: str  # "postgres", "http", or "process" (alive is enough)
-    target: str  # a DSN or a URL
+    kind: str  # "postgres", "http", "unix-http" (HTTP on a unix socket), or "process" (alive is enough)
+    target: str  # a DSN, a URL or a socket path
     expect: str = ""  # for http: a substring the body must contain
 
 
@@ -100,6 +101,8 @@ Progress = Callable[[str], None]
 class Secrets:
     db_password: str
     token_file: Path
+    s3_internal_file: Path  # the UI backend's own object-store key: a token rotation leaves it alone
+    s3_internal: str
 
 
 def dsn(settings: Settings, password: str, dbname: str = DB_NAME) -> str:
@@ -188,7 +191,11 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
     ui_cache = settings.cache_dir / "ui-backend"
     pg_env_file = settings.secrets_dir / "postgres.env"
     db_env_file = settings.secrets_dir / "service-db.env"
+    ui_env_file = settings.secrets_dir / "ui-backend.env"
     db_secret = {db_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password})}
+    s3_socket = socket_path(settings.root)
+    # The UI backend reads runs' artifacts, logs and cards through the entry point's /s3 route.
+    s3_plain, s3_secret = ui_backend_env(settings.port, secrets.s3_internal)
     postgres = Service(
         name="postgres",
         title="PostgreSQL",
@@ -239,10 +246,11 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                  "PATH_PREFIX": "/api", "UI_ENABLED": "0",
                  "METAFLOW_CLIENT_CACHE_PATH": f"{ui_cache}/metaflow_client",
                  "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
-                 "PYTHONPATH": "/root",
-                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=db_env_file,
+                 "PYTHONPATH": "/root", **s3_plain,
+                 # Runs made with the local datastore stay readable at the path they recorded.
+                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=ui_env_file,
             volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache))])),
-        secret_files=db_secret,
+        secret_files={ui_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password, **s3_secret})},
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
@@ -253,7 +261,8 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                   "--metadata-url", f"http://127.0.0.1:{settings.metadata_port}",
                   "--ui-backend-url", f"http://127.0.0.1:{settings.ui_port}",
                   "--static-dir", str(ui_bundle_dir(settings, udocker)),
-                  "--token-file", str(secrets.token_file)]
+                  "--token-file", str(secrets.token_file),
+                  "--s3-socket", str(s3_socket), "--s3-internal-secret-file", str(secrets.s3_internal_file)]
     if settings.no_auth:
         proxy_argv.append("--no-auth")
     proxy = Service(
@@ -263,9 +272,18 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(proxy_argv),
         health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
         stop=StopPolicy.HOST_TERM,
-        depends_on=("metadata", "ui-backend"),
+        depends_on=("metadata", "ui-backend", "objectstore"),
     )
-    services = [postgres, metadata, ui_backend, proxy]
+    objectstore = Service(
+        name="objectstore",
+        title="object store (S3)",
+        port=0,
+        argv=objectstore_service_argv(settings.objects_dir, s3_socket),
+        host_dirs=(settings.objects_dir,),
+        health=Health("unix-http", str(s3_socket)),
+        stop=StopPolicy.HOST_TERM,
+    )
+    services = [postgres, metadata, ui_backend, objectstore, proxy]
     if not settings.no_snapshots:
         dsn_file = settings.secrets_dir / "snapshot.dsn"
         services.append(Service(

@@ -175,6 +175,11 @@ class Settings:
     def datastore_dir(self) -> Path:
         return self.root / "datastore"
 
+    @property
+    def objects_dir(self) -> Path:
+        """The object store's buckets, one folder each, objects as plain files."""
+        return self.root / "objects"
+
     def log_path(self, service: str) -> Path:
         return self.logs_dir / f"{service}.log"
 

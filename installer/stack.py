@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from . import humanize, procs, runtime, schema, snapshot, tunnel
+from . import humanize, objectstore, procs, runtime, schema, snapshot, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .secrets import read_or_create_secret
@@ -95,8 +95,10 @@ class _Stack:
 
 
 def _secrets(settings: Settings) -> Secrets:
+    s3_internal = settings.secrets_dir / "s3-internal"
     return Secrets(db_password=read_or_create_secret(settings.secrets_dir / "db_password"),
-                   token_file=settings.secrets_dir / "token")
+                   token_file=settings.secrets_dir / "token",
+                   s3_internal_file=s3_internal, s3_internal=read_or_create_secret(s3_internal))
 
 
 def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
@@ -193,6 +195,8 @@ def _live_pid(settings: Settings, name: str) -> int | None:
 def healthy(check: Health, timeout: float = 3.0) -> bool:
     if check.kind == "process":
         return True  # asked only about a process known to be alive
+    if check.kind == "unix-http":
+        return objectstore.store_answers(Path(check.target), timeout=timeout)
     try:
         if check.kind == "postgres":
             with psycopg.connect(check.target, connect_timeout=max(1, int(timeout))) as conn:

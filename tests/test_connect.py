@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from installer import connect as connect_mod
-from installer.connect import (
+from installer import clientconfig as connect_mod
+from installer.clientconfig import (
     ConnectionRefused,
     ConnectResult,
     ConnectTimedOut,
@@ -386,7 +386,7 @@ FLOW = textwrap.dedent('''
 
 CONNECT = textwrap.dedent('''
     import json, sys
-    from installer.connect import connect
+    from installer.clientconfig import connect
     result = connect(sys.argv[1], set_env=False)
     print(json.dumps({"config": str(result.config_path), "lines": result.lines()}))
 ''')

@@ -164,5 +164,6 @@ def test_status_json_from_the_command_line(stack: dict) -> None:
     assert data["running"] is True
     assert data["schema_version"] > 0
     assert {s["name"]: s["healthy"] for s in data["services"]} == {
-        "postgres": True, "metadata": True, "ui-backend": True, "proxy": True, "snapshots": True, "monitor": True}
+        "postgres": True, "metadata": True, "ui-backend": True, "objectstore": True, "proxy": True, "snapshots": True,
+        "monitor": True}
     assert data["urls"]["metadata_service"] == f"http://127.0.0.1:{stack['port']}/service"

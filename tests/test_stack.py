@@ -37,8 +37,8 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert status.running, status
         steps = {step["step"]: step for step in status.steps}
         assert steps["images"]["detail"].startswith("pulled 2"), steps["images"]
-        assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "proxy", "snapshots",
-                                                    "monitor"]
+        assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "objectstore",
+                                                    "proxy", "snapshots", "monitor"]
         assert status.schema_version is not None and status.schema_version > 0
         assert any(e.step == "postgres" and e.seconds is not None for e in events)
 
@@ -55,7 +55,8 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert run["tasks"]["square"] == 3
 
         stopped = installer.down(**flags)
-        assert stopped == ["monitor", "snapshots", "proxy", "ui-backend", "metadata", "postgres"]
+        assert stopped == ["monitor", "snapshots", "proxy", "objectstore", "ui-backend", "metadata",
+                           "postgres"]
         assert _stack_processes(flags) == []
         for port in ("port", "metadata_port", "ui_port", "db_port"):
             assert procs.listener_of(int(flags[port])) is None, port

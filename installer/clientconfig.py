@@ -7,10 +7,16 @@ a version the client can use, and that the token is accepted; each failure
 raises its own ConnectError subclass whose `reason` names it. Then it writes a
 Metaflow config profile and/or sets the same values in this process's
 environment, and returns what it did and what the UI will be able to show.
+
+The datastore: a stack that serves an object store under `<base>/s3` gets the
+S3 datastore (bucket and root fixed by convention, credentials derived from
+the token, see installer/s3auth.py), after a signed HeadBucket through that
+route succeeds; `datastore="local"` keeps runs' data on this machine instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3.exceptions
@@ -34,7 +40,8 @@ from .connection import (
     read_connection_file,
     write_private_json,
 )
-from .errors import ConnectError
+from . import s3auth
+from .errors import ConfigError, ConnectError
 
 # The client needs 2.0.6 to read task attempts and 2.3.0 to change tags.
 MIN_SERVICE_VERSION = (2, 3, 0)
@@ -95,6 +102,25 @@ class ProfileError(ConnectError):
     reason = "profile"
 
 
+class NoObjectStore(ConnectError):
+    reason = "no_object_store"
+
+
+class ObjectStoreRefused(ConnectError):
+    reason = "object_store_refused"
+
+
+class ObjectStoreDown(ConnectError):
+    reason = "object_store_down"
+
+
+# The object store's place on the stack, by convention (installer/objectstore.py serves it).
+S3_ROUTE = "/s3"
+S3_BUCKET = "metaflow"
+S3_ROOT = f"s3://{S3_BUCKET}/data"
+DATASTORES = ("auto", "s3", "local")
+
+
 # ---------------------------------------------------------------- results
 
 @dataclass(frozen=True)
@@ -102,7 +128,7 @@ class DatastorePlan:
     """Where runs from this machine keep their data, and what that means for the UI."""
 
     kind: str                              # "local" or "s3"
-    settings: Mapping[str, str]            # METAFLOW_* keys for the client
+    settings: Mapping[str, str] = field(repr=False)  # METAFLOW_* keys for the client (may hold a secret)
     ui_shows: tuple[str, ...]
     ui_misses: tuple[str, ...]
     statement: str
@@ -146,20 +172,33 @@ class ConnectResult:
 def connect(connection: str | None = None, *, url: str | None = None, token: str | None = None,
             profile: str | None = None, root: str | Path | None = None, set_env: bool = True,
             write_profile: bool = True, timeout: float = 10.0,
-            datastore_root: str | Path | None = None) -> ConnectResult:
+            datastore_root: str | Path | None = None, datastore: str = "auto") -> ConnectResult:
     """Check the stack at `connection` (or `url` + `token`, or `<root>/connection.json`) and configure Metaflow.
 
     `profile` writes `config_<profile>.json` instead of `config.json` (under $METAFLOW_HOME,
     default ~/.metaflowconfig). `datastore_root` sets the local datastore folder
     (METAFLOW_DATASTORE_SYSROOT_LOCAL); by default Metaflow's own (.metaflow next to the flow).
+    `datastore`: "auto" uses the stack's object store when it has one (else the local datastore),
+    "s3" requires it, "local" keeps runs' data on this machine (the UI then shows no logs,
+    artifacts or cards of those runs).
     """
+    if datastore not in DATASTORES:
+        raise ConfigError(f"unknown datastore {datastore!r}", hint="use 'auto', 's3' or 'local'")
     base_url, token = _resolve_input(connection, url, token, root)
     if profile is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
         raise BadConnectionString(f"not a usable profile name: {profile!r}",
                                   hint="use letters, digits, '-', '_' or '.'")
     health = check_stack(base_url, timeout=timeout)
     version = check_service(base_url, token, timeout=timeout)
-    plan = plan_datastore(health, base_url, datastore_root)
+    store = False
+    if datastore != "local":
+        store = check_object_store(base_url, token, timeout=timeout)
+        if not store and datastore == "s3" and _advertised(health) is None:
+            raise NoObjectStore(f"the stack at {base_url} serves no object store (no {S3_ROUTE}/ route)",
+                                hint="update the stack, or connect with datastore='local' (the UI then "
+                                     "shows no logs, artifacts or cards of runs from this machine)")
+    plan = plan_datastore(health if datastore != "local" else {}, base_url, datastore_root,
+                          token=token, object_store=store)
 
     values = {
         "METAFLOW_DEFAULT_METADATA": "service",
@@ -184,6 +223,8 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
                          "`python flow.py run` pick the new settings up)")
     if profile is not None and not set_env:
         notes.append(f"select it with METAFLOW_PROFILE={profile}")
+    if plan.kind == "s3" and importlib.util.find_spec("boto3") is None:
+        notes.append("Metaflow's S3 datastore needs boto3, which this Python lacks: pip install boto3")
     return ConnectResult(base_url=base_url, service_url=f"{base_url}/service", service_version=version,
                          profile=profile, settings=values, config_path=config_path, config_action=action,
                          replaced=replaced, kept_keys=kept, env_set=set_env, datastore=plan,
@@ -280,6 +321,47 @@ def check_service(base_url: str, token: str, *, timeout: float = 10.0) -> str:
     return version
 
 
+def check_object_store(base_url: str, token: str, *, timeout: float = 10.0) -> bool:
+    """A signed HeadBucket through `<base>/s3`: True if the store answers it, False if there is none.
+
+    Raises ObjectStoreRefused when the store refuses the token's credentials, and
+    ObjectStoreDown when the route exists but the store behind it does not answer.
+    """
+    parts = urlsplit(base_url)
+    host = _host_header(parts.scheme, parts.netloc)
+    path = f"{parts.path}{S3_ROUTE}/{S3_BUCKET}"
+    headers = s3auth.sign_headers("HEAD", path, "", host, s3auth.credentials_for_token(token))
+    headers["Host"] = host
+    try:
+        response = requests.head(f"{parts.scheme}://{parts.netloc}{path}", timeout=timeout, headers=headers,
+                                 allow_redirects=False)
+    except requests.RequestException as exc:
+        raise _classify(exc, base_url, timeout) from exc
+    if response.status_code == 200:
+        return True
+    s3_answer = "xml" in response.headers.get("Content-Type", "")
+    if response.status_code == 403 and s3_answer:
+        raise ObjectStoreRefused(f"the object store at {base_url}{S3_ROUTE} refused this token's S3 credentials "
+                                 "(HTTP 403)",
+                                 hint="the token may have been rotated just now: copy the connection string "
+                                      "again (python -m installer url) and connect once more")
+    if response.status_code in (502, 503, 504):
+        raise ObjectStoreDown(f"the stack at {base_url} is up, but its object store is not answering "
+                              f"(HTTP {response.status_code})",
+                              hint="look at the service notebook: python -m installer status, then "
+                                   "python -m installer logs objectstore; or connect with datastore='local'")
+    if response.status_code == 404 and s3_answer:
+        raise NoObjectStore(f"the object store at {base_url}{S3_ROUTE} has no bucket {S3_BUCKET!r}",
+                            hint="restart the stack's object store (it creates the bucket at start)")
+    return False
+
+
+def _host_header(scheme: str, netloc: str) -> str:
+    """The Host header requests will send (the signature covers it): no default port, lower case."""
+    host = netloc.rsplit("@", 1)[-1].lower()
+    return host.removesuffix(":80" if scheme == "http" else ":443")
+
+
 def _version_tuple(text: str) -> tuple[int, ...] | None:
     match = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", text)
     if not match:
@@ -356,23 +438,54 @@ def _describe(response: requests.Response) -> str:
 _UI_ALWAYS = ("the list of flows, runs, steps and tasks", "run and task status, timings, tags and the DAG")
 
 
+def _advertised(health: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    found = health.get("datastore") if isinstance(health, Mapping) else None
+    if isinstance(found, Mapping) and found.get("type") == "s3" and found.get("root"):
+        return found
+    return None
+
+
+def s3_settings(endpoint_url: str, root: str, token: str | None) -> dict[str, str]:
+    """The METAFLOW_* values for the S3 datastore at `endpoint_url`.
+
+    The credentials go in METAFLOW_DATATOOLS_CLIENT_PARAMS: keyword arguments Metaflow passes to
+    boto3's client() (from the environment or the profile, in its s3op worker processes too), so
+    a profile alone is enough and no AWS profile or AWS_* variable of this machine is touched.
+    """
+    settings = {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": root,
+        "METAFLOW_S3_ENDPOINT_URL": endpoint_url,
+    }
+    if token is not None:
+        credentials = s3auth.credentials_for_token(token)
+        settings["METAFLOW_DATATOOLS_CLIENT_PARAMS"] = json.dumps({
+            "aws_access_key_id": credentials.access_key_id,
+            "aws_secret_access_key": credentials.secret_access_key,
+            "region_name": s3auth.REGION,
+        }, sort_keys=True)
+    return settings
+
+
 def plan_datastore(health: Mapping[str, Any], base_url: str,
-                   datastore_root: str | Path | None = None) -> DatastorePlan:
+                   datastore_root: str | Path | None = None, *, token: str | None = None,
+                   object_store: bool = False) -> DatastorePlan:
     """Which datastore runs from this machine use.
 
-    A stack that serves an S3-compatible datastore advertises it in /healthz as
-    {"datastore": {"type": "s3", "root": "s3://<bucket>/<prefix>", "endpoint": "<URL or path>"}};
-    otherwise runs keep their data on this machine's disk.
+    `object_store`: the stack answered a signed request on `<base>/s3` (check_object_store).
+    A stack may also advertise a store in /healthz as
+    {"datastore": {"type": "s3", "root": "s3://<bucket>/<prefix>", "endpoint": "<URL or path>"}}.
+    Otherwise runs keep their data on this machine's disk.
     """
-    advertised = health.get("datastore") if isinstance(health, Mapping) else None
-    if isinstance(advertised, Mapping) and advertised.get("type") == "s3" and advertised.get("root"):
-        endpoint = str(advertised.get("endpoint") or "/s3")
-        settings = {
-            "METAFLOW_DEFAULT_DATASTORE": "s3",
-            "METAFLOW_DATASTORE_SYSROOT_S3": str(advertised["root"]),
-            "METAFLOW_S3_ENDPOINT_URL": urljoin(base_url + "/", endpoint.lstrip("/"))
-            if "://" not in endpoint else endpoint,
-        }
+    advertised = _advertised(health)
+    if object_store or advertised is not None:
+        if object_store:
+            endpoint, root = S3_ROUTE, S3_ROOT
+        else:
+            assert advertised is not None
+            endpoint, root = str(advertised.get("endpoint") or S3_ROUTE), str(advertised["root"])
+        settings = s3_settings(urljoin(base_url + "/", endpoint.lstrip("/")) if "://" not in endpoint
+                               else endpoint, root, token)
         return DatastorePlan(
             kind="s3", settings=settings,
             ui_shows=_UI_ALWAYS + ("logs", "artifacts", "cards"), ui_misses=(),
@@ -427,6 +540,6 @@ def write_config(values: Mapping[str, str], profile: str | None = None
 
 
 def _mask(key: str, value: str) -> str:
-    if "KEY" in key or "SECRET" in key or "TOKEN" in key:
+    if "KEY" in key or "SECRET" in key or "TOKEN" in key or "CLIENT_PARAMS" in key:
         return value[:4] + "..." if len(value) > 8 else "***"
     return value
