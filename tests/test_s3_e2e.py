@@ -1,11 +1,12 @@
 """End to end: a remote process with only the connection string runs a real Metaflow flow whose data
 goes to the stack's object store through the proxy; the stack's side reads it back.
 
-Real parts: the proxy (`python -m installer.proxy`), the object store (`python -m installer.objectstore`,
-LocalBucket on a unix socket), the metadata API of metaflow-local-service (standing in for the
-metadata service, see helpers_proxy), the real Metaflow client and boto3. No UI backend runs here:
-the stack side reads with the UI backend's configuration (ui_backend_env: internal credentials,
-endpoint http://127.0.0.1:<port>/s3).
+Run twice: against the parts alone (the proxy `python -m installer.proxy`, the object store
+`python -m installer.objectstore` on a unix socket, the metadata API of metaflow-local-service), and
+against the whole stack brought up by `installer.up` from the local registry (PostgreSQL and the
+service stand-in image in udocker containers, with the stack's own proxy, object store and
+settings). Both use the real Metaflow client and boto3. The stack side reads with the UI backend's
+configuration (ui_backend_env: internal credentials, endpoint http://127.0.0.1:<port>/s3).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -102,11 +104,42 @@ def _clean_env(home: Path) -> dict[str, str]:
             "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture
-def s3stack(tmp_path: Path) -> Iterator[S3Stack]:
-    stack = start_s3_stack(tmp_path / "stack")
-    yield stack
-    stack.stop()
+class _WholeStack:
+    """The surface of helpers_s3.S3Stack, read off a stack started with `installer.up`."""
+
+    def __init__(self, flags: dict) -> None:
+        import installer
+        from installer.settings import resolve
+
+        self.settings = resolve(flags)
+        self.token = installer.token(**flags)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.store = SimpleNamespace(data_dir=self.settings.objects_dir)
+        log_path = self.settings.log_path("proxy")
+        self.proxy = SimpleNamespace(port=self.settings.port, log_text=lambda: log_path.read_text())
+
+    def internal_credentials(self) -> SimpleNamespace:
+        secret = (self.settings.secrets_dir / "s3-internal").read_text().strip()
+        return SimpleNamespace(secret_access_key=secret)
+
+
+@pytest.fixture(params=["parts", "whole-stack"])
+def s3stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S3Stack | _WholeStack]:
+    if request.param == "parts":
+        parts = start_s3_stack(tmp_path / "stack")
+        yield parts
+        parts.stop()
+        return
+    import installer
+
+    from .conftest import stack_flags
+
+    flags = stack_flags(tmp_path / "root", request.getfixturevalue("registry"))
+    installer.up(**flags)
+    try:
+        yield _WholeStack(flags)
+    finally:
+        installer.down(**flags)
 
 
 def test_remote_flow_keeps_its_data_in_the_stacks_store(s3stack: S3Stack, tmp_path: Path) -> None:
