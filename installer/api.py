@@ -89,7 +89,7 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
 
 def log_files(service: str | None = None, **flags: Any) -> dict[str, Path]:
     resolved = resolve(flags)
-    names = stack.service_names(resolved)
+    names = stack.service_names(resolved) + ["tunnel"]
     if service is not None and service not in names:
         raise ConfigError(f"no service named {service!r}", hint=f"one of: {', '.join(names)}")
     return {name: resolved.log_path(name) for name in names if service in (None, name)}
