@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 import localbucket
 
+from . import procs
 from .errors import ConfigError, StackError
 from .s3auth import (
     INTERNAL_ACCESS_KEY_ID,
@@ -405,17 +406,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("localbucket").setLevel(logging.WARNING)
     config = StoreConfig(args.data, args.listen, args.bucket or None, args.token_file, args.internal_secret_file,
                          args.max_body)
-    try:
-        serve(config)
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    return 0
+    return procs.service_main(lambda: serve(config), quiet=["localbucket"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -297,3 +298,23 @@ def boot_id() -> str:
             return handle.read().strip()
     except OSError:
         return "unknown"
+
+
+def service_main(serve: Callable[[], None], *, quiet: Iterable[str] = ()) -> int:
+    """Run a supervised service's main loop; returns its exit status.
+
+    Logs go to stderr (the service's log file); a StackError ends it with its
+    message and status 2 for a configuration problem, 1 otherwise.
+    """
+    from .errors import ConfigError
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        serve()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    return 0

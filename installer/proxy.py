@@ -67,6 +67,7 @@ from aiohttp.abc import AbstractAccessLogger
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import procs
 from .errors import ConfigError, StackError
 from .s3auth import CredentialSource, S3AuthError
 from .s3auth import verify as verify_sigv4
@@ -879,20 +880,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
     config = ProxyConfig(listen_host=args.listen_host, listen_port=args.listen_port,
                          metadata_url=args.metadata_url, ui_backend_url=args.ui_backend_url,
                          static_dir=args.static_dir, token_file=args.token_file,
                          no_auth=args.no_auth, s3_socket=args.s3_socket,
                          s3_internal_secret_file=args.s3_internal_secret_file)
-    try:
-        serve(config)
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    return 0
+    return procs.service_main(lambda: serve(config), quiet=["aiohttp"])
 
 
 if __name__ == "__main__":
