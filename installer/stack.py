@@ -28,7 +28,7 @@ from .connection import read_connection_file, write_connection_file
 from .errors import ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .secrets import read_or_create_secret
 from .services import (DB_NAME, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
-                       migrations_dir, snapshot_status_file, waves)
+                       migrations_dir, service_container, snapshot_status_file, waves)
 from .settings import Settings
 from .settings import save as save_settings
 
@@ -74,6 +74,8 @@ class StackStatus:
     # Set by `up` when it restored the database from a snapshot: which generation, from where.
     restored: str | None = None
     connection_string: str | None = None
+    # The Metaflow client inside the service image: the UI backend reads runs' data with it.
+    image_metaflow_version: str | None = None
 
     @property
     def running(self) -> bool:
@@ -567,7 +569,14 @@ def _status(settings: Settings, stack: _Stack) -> StackStatus:
     if saved and saved.get("tunnel"):
         urls["public"] = saved["url"]
     return StackStatus(str(settings.root), rows, version, urls, snapshot=_snapshot_summary(settings),
-                       connection_string=saved.get("connection_string") if saved else None)
+                       connection_string=saved.get("connection_string") if saved else None,
+                       image_metaflow_version=_image_metaflow_version(stack))
+
+
+def _image_metaflow_version(stack: _Stack) -> str | None:
+    root = stack.udocker.container_root(service_container(stack.settings))
+    found = sorted(root.glob("opt/latest/lib/python3*/site-packages/metaflow-*.dist-info"))
+    return found[-1].name[len("metaflow-"):-len(".dist-info")] if found else None
 
 
 def _snapshot_summary(settings: Settings) -> dict | None:
