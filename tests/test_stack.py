@@ -7,6 +7,7 @@ same contract; PostgreSQL is real PostgreSQL 15 in a udocker container.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -135,3 +136,25 @@ def test_unusable_snapshot_folder_is_refused_with_local_only_way_out(stack: dict
     local_only = installer.up(**{**stack, "snapshot_dir": str(not_a_folder), "no_snapshots": True})
     assert local_only.running and local_only.snapshot is None
     assert "snapshots" not in [s.name for s in local_only.services]
+
+
+def test_monitor_restarts_what_dies(stack: dict) -> None:
+    import signal
+    import time
+
+    first = {s.name: s.pid for s in installer.up(**stack).services}
+    for name in ("proxy", "snapshots"):
+        os.kill(first[name], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = {s.name: (s.pid, s.healthy) for s in installer.status(**stack).services}
+        if all(now[n][0] not in (None, first[n]) and now[n][1] for n in ("proxy", "snapshots")):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"not restarted: {now}")
+    monitor_log = resolve(stack).log_path("monitor").read_text()
+    assert "proxy: died; starting it again" in monitor_log
+    assert "snapshots: died; starting it again" in monitor_log
+    # What did not die was left alone.
+    assert now["postgres"][0] == first["postgres"] and now["metadata"][0] == first["metadata"]
