@@ -146,9 +146,8 @@ def read_connection_file(root: Path) -> dict[str, Any] | None:
 
 def write_private_json(target: Path, data: Mapping[str, Any]) -> None:
     """Write JSON readable only by the owner; readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # created 0600
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")

@@ -9,6 +9,7 @@ watch the file's (mtime, inode): every write replaces the inode.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets as _random
 import stat
@@ -51,6 +52,14 @@ def _ensure_dir(folder: Path) -> None:
                          hint="check that the folder is writable") from exc
 
 
+def _tighten(fd: int) -> None:
+    """0600, where the file system keeps modes (Google Drive's FUSE folder does not: no error then)."""
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    except OSError:
+        pass
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -74,7 +83,7 @@ def _write_temp(folder: Path, name: str, value: str) -> Path:
         except FileExistsError:
             continue
     try:
-        os.fchmod(fd, _FILE_MODE)  # the umask cannot widen it, but be explicit
+        _tighten(fd)
         os.write(fd, (value + "\n").encode("ascii"))
         os.fsync(fd)
     except BaseException:
@@ -106,7 +115,7 @@ def _read_if_present(path: Path) -> str | None:
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError(f"secret file {path} is not a regular file")
         if info.st_mode & 0o077 and info.st_uid == os.getuid():
-            os.fchmod(fd, _FILE_MODE)  # tighten a file someone loosened by hand
+            _tighten(fd)  # a file someone loosened by hand
         raw = os.read(fd, _MAX_LENGTH + 2)
     finally:
         os.close(fd)
@@ -136,10 +145,34 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
     except FileExistsError:
         return read_secret(path)
     except OSError as exc:
-        raise StackError(f"cannot create secret file {path}: {exc.strerror}",
-                         hint="check that its folder is writable") from exc
+        if exc.errno not in _NO_HARD_LINKS:
+            raise StackError(f"cannot create secret file {path}: {exc.strerror}",
+                             hint="check that its folder is writable") from exc
+        # Google Drive's FUSE folder has no hard links: create the file exclusively instead
+        # (a reader may then see it empty for an instant; read_secret treats that as malformed).
+        return _create_exclusively(path, value)
     finally:
         temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return value
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def _create_exclusively(path: Path, value: str) -> str:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
+    except FileExistsError:
+        return read_secret(path)
+    except OSError as exc:
+        raise StackError(f"cannot create secret file {path}: {exc.strerror}",
+                         hint="check that its folder is writable") from exc
+    try:
+        os.write(fd, (value + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     _fsync_dir(path.parent)
     return value
 

@@ -7,6 +7,7 @@ shows every resolved value with where it came from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -119,7 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_keep", "MF_SNAPSHOT_KEEP", "snapshot generations to keep",
             lambda s: 5, _count),
     Setting("cache_dir", "MF_CACHE_DIR", "caches that need not survive the machine (keep on local disk)",
-            lambda s: _path("~/.cache/metaflow-stack"), _path),
+            lambda s: _path("~/.cache/metaflow-stack") / hashlib.sha256(str(s["root"]).encode()).hexdigest()[:12],
+            _path),
     Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
             lambda s: 120.0, _seconds),
     Setting("tunnel", "MF_TUNNEL", "publish the entry point through a Cloudflare quick tunnel",

@@ -104,7 +104,7 @@ def _secrets(settings: Settings) -> Secrets:
 
 
 def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
-    udocker = runtime.prepare(settings.udocker_dir, settings.root / "bin", progress)
+    udocker = runtime.prepare(settings.udocker_dir, settings.cache_dir / "bin", progress)
     secrets = _secrets(settings)
 
     def prepare_database(step_progress: Progress) -> str:
@@ -352,7 +352,8 @@ def _check_root(settings: Settings) -> None:
                               hint="choose another folder with MF_ROOT / PGDATA_DIR (or --root / --pgdata-dir)") from exc
     for sub in (settings.logs_dir, settings.state_dir, settings.secrets_dir, settings.datastore_dir):
         sub.mkdir(parents=True, exist_ok=True)
-    settings.secrets_dir.chmod(0o700)
+    with contextlib.suppress(OSError):  # Google Drive's FUSE folder keeps no modes
+        settings.secrets_dir.chmod(0o700)
 
 
 def _pull_images(stack: _Stack, progress: Progress) -> str:

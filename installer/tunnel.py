@@ -1,7 +1,7 @@
 """A Cloudflare quick tunnel in front of the stack's entry point.
 
 `start_tunnel` obtains `cloudflared` (an explicit binary, or the pinned release,
-checksum-verified and cached under `<MF_ROOT>/bin/`), runs
+checksum-verified and cached under `<MF_CACHE_DIR>/bin/`, on local disk), runs
 
     cloudflared tunnel --no-autoupdate --url http://127.0.0.1:<port> --metrics 127.0.0.1:<free port>
 
@@ -235,7 +235,8 @@ def start_tunnel(settings: Settings, *, token: str, cloudflared: str | Path | No
         raise TunnelError("refusing to publish the stack without an access token",
                           hint="start the stack with access control on (do not use --no-auth with a tunnel)")
     stop_recorded_tunnel(settings)
-    binary = find_cloudflared(settings.root, cloudflared, release=release)
+    # Local disk, not MF_ROOT: Drive may be mounted noexec, and is slow to read a 30 MB binary from.
+    binary = find_cloudflared(settings.cache_dir, cloudflared, release=release)
     log_path = settings.log_path(TUNNEL_LOG)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     offset = log_path.stat().st_size if log_path.exists() else 0

@@ -697,3 +697,20 @@ def test_token_never_appears_in_the_log(proxy):
     assert "token=REDACTED" in text, "the requests above must have been logged"
     assert token not in text and wrong not in text
     assert cookie_value(token) not in text
+
+
+def test_secret_created_where_hard_links_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Google Drive's FUSE folder refuses hard links: the secret is still created, once, 0600."""
+    import errno as _errno
+
+    from installer import secrets as secrets_module
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(_errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(secrets_module.os, "link", no_links)
+    path = tmp_path / "drive" / "secrets" / "token"
+    first = secrets_module.read_or_create_secret(path)
+    assert secrets_module.read_or_create_secret(path) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["token"]
