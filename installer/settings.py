@@ -38,34 +38,24 @@ def _path(value: str) -> Path:
     return Path(value).expanduser().resolve()
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise ConfigError(f"not a port number: {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port out of range: {port}", hint="use a number between 1024 and 65535")
-    return port
+def _number(convert: Callable[[str], Any], what: str, low: float, high: float | None = None,
+            hint: str | None = None) -> Callable[[str], Any]:
+    """A parser for numbers in [low, high] that says what it wanted."""
+    def parse(value: str) -> Any:
+        try:
+            number = convert(value)
+        except ValueError:
+            raise ConfigError(f"not {what}: {value!r}") from None
+        if number < low or (high is not None and number > high):
+            limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{what} out of range ({limits}): {number}", hint=hint)
+        return number
+    return parse
 
 
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise ConfigError(f"must be at least 1: {number}")
-    return number
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"not a number of seconds: {value!r}") from None
-    if number <= 0:
-        raise ConfigError(f"must be more than 0 seconds: {number}")
-    return number
+_port = _number(int, "a port number", 1, 65535, hint="use a number between 1024 and 65535")
+_count = _number(int, "a whole number", 1)
+_seconds = _number(float, "a number of seconds", 0.1)
 
 
 def _flag(value: str) -> bool:

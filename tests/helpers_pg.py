@@ -221,6 +221,18 @@ def template_cluster(base: Path) -> Path:
     return _TEMPLATE["path"]
 
 
+def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[PgCluster, object]:
+    """Restore the newest good generation into a fresh folder and start PostgreSQL on it."""
+    target = workdir / name / "pgdata"
+    target.parent.mkdir()
+    target.parent.chmod(0o755)
+    report = restore(dest, target)
+    chown_tree(target)
+    cluster = PgCluster(target)
+    cluster.start()
+    return cluster, report
+
+
 @dataclass
 class RoundResult:
     restored: int            # highest counter restored (0: none)
@@ -263,13 +275,7 @@ def crash_round(base: Path, rng: random.Random, *, rate: float = 30.0, max_wait:
         committed = read_writer_log(log)
 
         started = time.monotonic()
-        target = work / "restored" / "pgdata"
-        target.parent.mkdir()
-        target.parent.chmod(0o755)
-        report = restore(dest, target)
-        chown_tree(target)
-        restored_cluster = PgCluster(target)
-        restored_cluster.start()
+        restored_cluster, report = start_restored(work, dest)
         restore_s = time.monotonic() - started
         restored_cluster.amcheck()
         with restored_cluster.connect() as conn:

@@ -17,7 +17,7 @@ from installer import procs
 from installer.errors import SnapshotError
 from installer.snapshot import (SnapshotCache, check_destination, list_generations, read_status, restore,
                                 take_snapshot)
-from tests.helpers_pg import (REPO, PgCluster, chown_tree, make_workdir, start_watcher, wait_for)
+from tests.helpers_pg import REPO, PgCluster, make_workdir, start_restored, start_watcher, wait_for
 
 
 @pytest.fixture
@@ -49,17 +49,6 @@ def insert(cluster: PgCluster, *ids: int) -> None:
     with cluster.connect() as conn:
         for item in ids:
             conn.execute("INSERT INTO items VALUES (%s, %s)", (item, f"item {item}"))
-
-
-def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[PgCluster, object]:
-    target = workdir / name / "pgdata"
-    target.parent.mkdir()
-    target.parent.chmod(0o755)
-    report = restore(dest, target)
-    chown_tree(target)
-    cluster = PgCluster(target)
-    cluster.start()
-    return cluster, report
 
 
 def item_ids(cluster: PgCluster) -> list[int]:
