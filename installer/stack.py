@@ -550,8 +550,8 @@ def _status(settings: Settings, stack: _Stack) -> StackStatus:
         data = _recorded(settings, service.name)
         if pid is not None:
             state = "running"
-        elif data is not None:
-            state = "dead"
+        elif data is not None and data.get("boot_id") == procs.boot_id():
+            state = "dead"  # started on this machine and gone without `down`: its log says why
         else:
             state = "stopped"
         is_healthy = pid is not None and healthy(service.health, timeout=2.0)
