@@ -16,7 +16,7 @@ from .clientconfig import ConnectResult
 from .clientconfig import connect as _connect
 from .connection import format_connection, read_connection_file, write_connection_file
 from .errors import ConfigError, StackError
-from .secrets import read_or_create_secret, rotate_secret, write_secret
+from .secrets import rotate_secret, write_secret
 from .settings import Settings, resolve
 
 Progress = Callable[[stack.Event], None]
@@ -54,10 +54,7 @@ def restore(force: bool = False, **flags: Any) -> Any:
 
 def token(**flags: Any) -> str | None:
     """The access token browsers and API clients present; None when access control is off."""
-    resolved = resolve(flags)
-    if resolved.no_auth:
-        return None
-    return read_or_create_secret(resolved.secrets_dir / "token")
+    return stack.access_token(resolve(flags))
 
 
 def connection(**flags: Any) -> str:
@@ -74,7 +71,7 @@ def rotate_token(**flags: Any) -> str:
     resolved = resolve(flags)
     if resolved.no_auth:
         raise ConfigError("access control is off (--no-auth): there is no token to rotate")
-    new = rotate_secret(resolved.secrets_dir / "token")
+    new = rotate_secret(resolved.token_file)
     saved = read_connection_file(resolved.root)
     if saved:
         write_connection_file(resolved.root, saved["url"], new, {"tunnel": saved.get("tunnel", False)})
@@ -101,4 +98,4 @@ def config(**flags: Any) -> list[tuple[str, str, str]]:
 
 def _apply_token(resolved: Settings) -> None:
     if resolved.token:
-        write_secret(resolved.secrets_dir / "token", resolved.token)
+        write_secret(resolved.token_file, resolved.token)

@@ -34,7 +34,7 @@ class Printer:
             return
         self.line(f"{self._paint('ok', '32')} {name} {event.message} {self._paint(f'({event.seconds:.1f} s)', '2')}")
 
-    def status(self, status: StackStatus, *, token: str | None = None) -> None:
+    def status(self, status: StackStatus) -> None:
         if status.already_running:
             self.line("The stack is already running.")
         self.line(f"stack at {status.root}")
@@ -62,7 +62,7 @@ class Printer:
             self.line(self._paint("  snapshots: OFF (local-only mode: the database dies with this machine)", "33"))
         if status.running:
             self.line("")
-            self.line(f"UI:               {status.urls['ui']}" + (f"?token={token}" if token else ""))
+            self.line(f"UI:               {status.urls['ui']}")
             self.line(f"metadata service: {status.urls['metadata_service']}")
 
     def restore(self, report: Any) -> None:

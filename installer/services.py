@@ -89,10 +89,6 @@ class Service:
     on_ready: Callable[[Progress], str | None] | None = None
     before_stop: Callable[[Progress], str | None] | None = None
 
-    @property
-    def in_container(self) -> bool:
-        return self.container is not None
-
 
 Progress = Callable[[str], None]
 

@@ -172,6 +172,11 @@ class Settings:
         """The object store's buckets, one folder each, objects as plain files."""
         return self.root / "objects"
 
+    @property
+    def token_file(self) -> Path:
+        """The access token: API clients and browsers present it, the S3 keys derive from it."""
+        return self.secrets_dir / "token"
+
     def log_path(self, service: str) -> Path:
         return self.logs_dir / f"{service}.log"
 

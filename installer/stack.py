@@ -99,7 +99,7 @@ class _Stack:
 def _secrets(settings: Settings) -> Secrets:
     s3_internal = settings.secrets_dir / "s3-internal"
     return Secrets(db_password=read_or_create_secret(settings.secrets_dir / "db_password"),
-                   token_file=settings.secrets_dir / "token",
+                   token_file=settings.token_file,
                    s3_internal_file=s3_internal, s3_internal=read_or_create_secret(s3_internal))
 
 
@@ -252,7 +252,7 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         if settings.tunnel:
             step("tunnel", lambda p: _start_tunnel(settings))
         else:
-            write_connection_file(settings.root, f"http://127.0.0.1:{settings.port}", _token(settings) or "",
+            write_connection_file(settings.root, f"http://127.0.0.1:{settings.port}", access_token(settings) or "",
                                   {"tunnel": False})
         status = _status(settings, stack)
         status.steps = steps
@@ -288,12 +288,13 @@ def _restore_if_any(settings: Settings, holder: dict, progress: Progress) -> str
     return sentence
 
 
-def _token(settings: Settings) -> str | None:
-    return None if settings.no_auth else read_or_create_secret(settings.secrets_dir / "token")
+def access_token(settings: Settings) -> str | None:
+    """The token browsers and API clients present (created on first use); None when access control is off."""
+    return None if settings.no_auth else read_or_create_secret(settings.token_file)
 
 
 def _start_tunnel(settings: Settings) -> str:
-    token = _token(settings)
+    token = access_token(settings)
     info = tunnel.start_tunnel(settings, token=token or "", cloudflared=settings.cloudflared)
     return f"public URL {info.url}"
 
@@ -450,11 +451,7 @@ def _all_running(settings: Settings, stack: _Stack) -> bool:
         return False
     if settings.tunnel and not _tunnel_running(settings):
         return False
-    return _proxy_healthy(settings)
-
-
-def _proxy_healthy(settings: Settings) -> bool:
-    return healthy(Health("http", f"http://127.0.0.1:{settings.port}/healthz", "ok"))
+    return all(healthy(s.health) for s in stack.services if s.name == "proxy")
 
 
 # --- down ----------------------------------------------------------------------
