@@ -8,10 +8,16 @@
 set -Eeuo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-"$HERE/setup_host.sh"
 PORT="${MFSTACK_REGISTRY_PORT:-5000}"
+if "$HERE/setup_host.sh" --check; then
+    echo "[setup] already done and current (system packages, .venv, images); skipped"
+    "$HERE/local_registry.sh" start
+else
+    "$HERE/setup_host.sh"
+fi
 echo
 echo "NOTE: using the TEST image mfstack/metaflow-service-standin:test in place of the Metaflow service image."
+echo "The local registry on 127.0.0.1:$PORT keeps running after \`down\`; \`python -m installer down --all\` stops it too."
 echo
 cd "$ROOT"
 exec "${MFSTACK_VENV:-$ROOT/.venv}/bin/python" -m installer up \

@@ -4,17 +4,20 @@ shown once; the stack's own probes leave its logs clean."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import installer
-from installer import runtime
+from installer import procs, runtime
 from installer.errors import ChecksFailed, ImageError, PortInUse, ServiceFailed, StackError
 from installer.settings import resolve
 
 from .conftest import free_port
-from .helpers_firstrun import (assert_nothing_runs, cli, connection_works, port_holder, saved_settings,
+from .helpers_firstrun import (REPO, assert_nothing_runs, cli, connection_works, port_holder, saved_settings,
                                small_disk, stack_processes, states, stop_services)
 
 
@@ -176,3 +179,45 @@ def test_docker_hub_unreachable_is_said_once_with_the_offline_way(tmp_path: Path
 def test_config_clear_with_nothing_saved(tmp_path: Path) -> None:
     done = cli("config", "--clear", "--root", str(tmp_path))
     assert done.returncode == 0 and done.stdout.strip() == "no settings were saved"
+
+
+def test_warm_offline_up_skips_the_setup_and_says_how_the_registry_stops(stack: dict) -> None:
+    env = {**os.environ, "MFSTACK_VENV": sys.prefix}
+    check = subprocess.run(["bash", str(REPO / "scripts" / "setup_host.sh"), "--check"], env=env)
+    assert check.returncode == 0, (f"the setup of {sys.prefix} is not current: run scripts/setup_host.sh "
+                                   "(scripts/test.sh does) before this test")
+    args = [f"--{name.replace('_', '-')}={value}" for name, value in stack.items()]
+    done = subprocess.run(["bash", str(REPO / "scripts" / "offline_up.sh"), *args], capture_output=True, text=True,
+                          timeout=300, env={**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[setup] already done and current (system packages, .venv, images); skipped" in done.stdout
+    assert "[build_images" not in done.stdout and "[setup] installing" not in done.stdout
+    assert "local_registry: already running" in done.stdout
+    assert "`python -m installer down --all` stops it too" in done.stdout
+    assert "stack up in" in done.stdout and "connection string: http://127.0.0.1:" in done.stdout
+    assert installer.status(**stack).running
+
+
+def test_down_all_stops_the_registry_the_scripts_started(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"MFSTACK_CACHE": str(tmp_path / "cache"), "MFSTACK_REGISTRY_PORT": str(port)}
+    script = str(REPO / "scripts" / "local_registry.sh")
+    started = subprocess.run(["bash", script, "start"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+    assert started.returncode == 0, started.stdout + started.stderr
+    flags = ("--root", str(tmp_path / "root"), "--registry", f"http://127.0.0.1:{port}")
+    try:
+        plain = cli("down", *flags, env=env)
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout.splitlines() == [
+            "nothing was running",
+            "the local registry (started by scripts/offline_up.sh) keeps running; "
+            "`python -m installer down --all` stops it too"]
+        every = cli("down", "--all", *flags, env=env)
+        assert every.returncode == 0, every.stderr
+        assert every.stdout.splitlines()[-1].startswith("local registry: stopped (pid ")
+        assert procs.listener_of(port) is None
+        again = cli("down", *flags, env=env)
+        assert again.stdout.splitlines() == ["nothing was running"]
+    finally:
+        subprocess.run(["bash", script, "stop"], capture_output=True, env={**os.environ, **env})
