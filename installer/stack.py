@@ -681,6 +681,13 @@ def _stop(stack: _Stack, service: Service, pid: int) -> None:
     left = procs.wait_gone(members, 5.0)
     if left:
         left = procs.kill_tree(left)
+    # A service stopped while it was still starting may have forked after `members` was read
+    # (proot, left to init when udocker went): its session group still names it.
+    for _ in range(3):
+        stray = [p.pid for p in procs.group_members(pid) if p.pid not in left]
+        if not stray:
+            break
+        left += procs.kill_tree(stray)
     if left:
         raise ServiceFailed(f"could not stop the {service.title}: processes {left} are still running",
                             hint="stop them by hand (kill -9) and run `installer down` again")

@@ -203,18 +203,6 @@ def test_a_shell_without_a_user_name_gets_one_in_the_profile(stack: ProxyStandIn
     assert not any("METAFLOW_USER" in n for n in again.notes)
 
 
-def test_missing_client_packages_are_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = connect_mod.importlib.util.find_spec
-    monkeypatch.setattr(connect_mod.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("metaflow", "boto3") else real(name, *a))
-    (warning,) = connect_mod.missing_client_packages("s3")
-    assert "lacks metaflow and boto3" in warning
-    assert "pip install metaflow boto3" in warning and "pip install '.[client]'" in warning
-    assert connect_mod.missing_client_packages("local") == [
-        warning.replace("metaflow and boto3 (Metaflow's S3 datastore client)", "metaflow")
-               .replace("pip install metaflow boto3", "pip install metaflow")]
-
-
 def test_unreadable_profile_is_not_overwritten(stack: ProxyStandIn, tmp_path: Path) -> None:
     config = tmp_path / "mfconfig" / "config.json"
     config.parent.mkdir(parents=True)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,11 @@ from installer.errors import (ConfigError, ImageError, PortInUse, RuntimeUnavail
 from installer.settings import resolve
 
 from .conftest import free_port
+from .helpers_firstrun import assert_nothing_runs, port_holder, saved_settings, small_disk
 
 
 def test_port_taken_names_the_holder(stack: dict) -> None:
-    holder = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", stack["metadata_port"]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(int(stack["metadata_port"]))
+    with port_holder(int(stack["metadata_port"])) as holder:
         with pytest.raises(PortInUse) as caught:
             installer.up(**stack)
         message = str(caught.value)
@@ -32,10 +28,7 @@ def test_port_taken_names_the_holder(stack: dict) -> None:
             in message and "http.server" in message
         assert "--metadata-port (MF_METADATA_PORT)" in message
         assert "nothing was started" in message
-        assert {s.state for s in installer.status(**stack).services} == {"stopped"}
-    finally:
-        holder.kill()
-        holder.wait()
+        assert_nothing_runs(stack)
     assert installer.up(**stack).running
 
 
@@ -79,16 +72,11 @@ def test_broken_engine_fails_with_log_tail(stack: dict, tmp_path: Path, monkeypa
 
 
 def test_disk_full(stack: dict, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
-    try:
+    with small_disk(tmp_path / "small") as small:
         with pytest.raises(StackError) as caught:
             installer.up(**{**stack, "udocker_dir": str(small / "udocker")})
-        assert "not enough free disk space" in str(caught.value)
-        assert "UDOCKER_DIR" in str(caught.value)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
+        assert "not enough free disk space for pulling images" in str(caught.value)
+        assert "--udocker-dir (UDOCKER_DIR)" in str(caught.value)
 
 
 def test_root_not_writable(tmp_path: Path) -> None:
@@ -114,8 +102,14 @@ def test_service_dying_at_start_shows_its_log(stack: dict) -> None:
     assert "PostgreSQL exited during start-up" in message
     assert "last lines of" in message and "postgres.log" in message
     assert "could not access the server configuration file" in message
+    # What started beside it is stopped again, and nothing is saved.
+    assert "nothing of this stack is running; no setting was saved." in message
+    assert_nothing_runs(stack)
+    assert saved_settings(stack) is None
     # Nothing was lost: the data folder is left as it was for inspection.
     assert (settings.pgdata_dir / "PG_VERSION").read_text() == "9\n"
+    (settings.pgdata_dir / "PG_VERSION").unlink()
+    assert installer.up(**stack).running
 
 
 def test_second_up_while_first_is_working(stack: dict) -> None:
@@ -137,16 +131,6 @@ def test_bad_port_setting() -> None:
 
 def stack_lock(settings):
     return stack._lock(settings, "test")
-
-
-def _wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 def test_status_json_from_the_command_line(stack: dict) -> None:

@@ -108,23 +108,6 @@ def test_a_failing_start_stops_only_what_this_up_started(stack: dict) -> None:
     assert connection_works(line)
 
 
-def test_a_service_dying_at_start_is_stopped_with_what_started_beside_it(stack: dict) -> None:
-    settings = resolve(stack)
-    settings.pgdata_dir.mkdir(parents=True)
-    (settings.pgdata_dir / "PG_VERSION").write_text("9\n")
-    with pytest.raises(ServiceFailed) as caught:
-        installer.up(**stack)
-    text = str(caught.value)
-    assert "PostgreSQL exited during start-up" in text and f"last lines of {settings.log_path('postgres')}" in text
-    assert "nothing of this stack is running; no setting was saved." in text
-    assert_nothing_runs(stack)
-    assert saved_settings(stack) is None
-    assert (settings.pgdata_dir / "PG_VERSION").read_text() == "9\n"  # left for inspection
-
-    (settings.pgdata_dir / "PG_VERSION").unlink()
-    assert installer.up(**stack).running
-
-
 def test_saved_settings_are_announced_and_can_be_cleared(stack: dict) -> None:
     installer.up(**stack)
     root = stack["root"]
