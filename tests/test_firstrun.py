@@ -13,12 +13,12 @@ import pytest
 
 import installer
 from installer import procs, runtime
-from installer.errors import ChecksFailed, ImageError, PortInUse, ServiceFailed, StackError
+from installer.errors import ChecksFailed, ImageError, PortInUse, ServiceFailed
 from installer.settings import resolve
 
 from .conftest import free_port
 from .helpers_firstrun import (REPO, assert_nothing_runs, cli, connection_works, port_holder, saved_settings,
-                               small_disk, stack_processes, states, stop_services)
+                               small_disk, stack_processes, stop_services)
 
 
 def _assert_quiet_logs(flags: dict) -> None:
