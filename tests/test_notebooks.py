@@ -279,7 +279,7 @@ def test_stop_button_stops_the_stack(stack: dict) -> None:
     assert view is not None and view.buttons.layout.display == "flex"
     assert "Metaflow stack" in view.header.value and "running</span>" in view.header.value
     names = [step["name"] for step in panel.steps()]
-    assert names[:2] == ["runtime", "images"] and "proxy" in names and "monitor" in names
+    assert names[:3] == ["runtime", "checks", "images"] and "proxy" in names and "monitor" in names
     assert all(step["state"] == "done" for step in panel.steps())
 
     view.stop_button.click()
