@@ -49,11 +49,7 @@ class Printer:
         if status.schema_version is not None:
             self.line(f"  schema version {status.schema_version}")
         if status.image_metaflow_version:
-            line = f"  service image carries metaflow {status.image_metaflow_version}"
-            if status.image_metaflow_version.startswith("2.19"):
-                line += (" (with 2.19 the UI backend was seen to cache a failed artifact read after a log view: "
-                         "prefer an image built with metaflow 2.18)")
-            self.line(line)
+            self.line(f"  service image carries metaflow {status.image_metaflow_version} (the UI backend reads runs with it)")
         if status.restored:
             self.line(self._paint(status.restored, "1"))
         if status.snapshot is not None:

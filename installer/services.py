@@ -24,6 +24,9 @@ DB_NAME = "metaflow"
 DB_USER = "postgres"
 SERVICE_PYTHON = "/opt/latest/bin/python3"
 UI_BUNDLE_IN_IMAGE = "root/services/ui_backend_service/ui"
+# Our sitecustomize for the UI backend's Pythons (see installer/ui_backend_site), mounted read-only.
+UI_BACKEND_SITE = Path(__file__).resolve().parent / "ui_backend_site"
+UI_BACKEND_SITE_IN_GUEST = "/opt/mfstack-ui-backend-site"
 
 # PostgreSQL settings: loopback only, WAL kept usable for base backups (snapshots),
 # and sized for a small notebook VM.
@@ -242,10 +245,11 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                  "PATH_PREFIX": "/api", "UI_ENABLED": "0",
                  "METAFLOW_CLIENT_CACHE_PATH": f"{ui_cache}/metaflow_client",
                  "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
-                 "PYTHONPATH": "/root", **s3_plain,
+                 "PYTHONPATH": f"{UI_BACKEND_SITE_IN_GUEST}:/root", **s3_plain,
                  # Runs made with the local datastore stay readable at the path they recorded.
                  "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=ui_env_file,
-            volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache))])),
+            volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache)),
+                     (UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST)])),
         secret_files={ui_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password, **s3_secret})},
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
