@@ -12,7 +12,6 @@ Prints medians of the warm rounds; figures are for comparing runs on one machine
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import statistics
@@ -64,10 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="warm up/down rounds (default 3)")
     parser.add_argument("--registry", default="http://127.0.0.1:5000")
     args = parser.parse_args()
-    images = json.loads((REPO / "images" / "test.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="mfstack-bench-"))
     flags = {"root": str(work / "root"), "udocker_dir": str(work / "udocker"), "registry": args.registry,
-             "postgres_image": images["postgres"], "service_image": images["service"],
              "port": str(_free_port()), "metadata_port": str(_free_port()), "ui_port": str(_free_port()),
              "db_port": str(_free_port())}
     try:
@@ -79,7 +76,7 @@ def main() -> None:
             warms.append(_timed(lambda: installer.up(**flags)))
             downs.append(_timed(lambda: installer.down(**flags)))
         size = sum(f.stat().st_size for f in Path(flags["udocker_dir"]).rglob("*") if f.is_file() and not f.is_symlink())
-        print("stack benchmark (test images from the local registry; udocker P1 with "
+        print("stack benchmark (production images from the local registry; udocker P1 with "
               f"{'system proot' if (Path(flags['root']) / 'bin' / 'proot-udocker').exists() else 'udocker engine'})")
         print(f"  cold up (nothing pulled, empty MF_ROOT): {cold:6.1f} s")
         print(f"  warm up (median of {len(warms)}):              {statistics.median(warms):6.1f} s"

@@ -20,6 +20,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000")
 PRODUCTION_IMAGES = json.loads((REPO / "images" / "production.json").read_text())
+# The verified upstream archives scripts/build_images.sh staged for the service image.
+UPSTREAM_STAGE = Path(os.environ.get("MFSTACK_CACHE", "/var/cache/mfstack")) / "upstream"
 # Pulled images are shared between tests (pulling is tested once, on an empty folder).
 SHARED_UDOCKER_DIR = Path(os.environ.get("MFSTACK_TEST_UDOCKER_DIR", "/var/tmp/mfstack-test-udocker"))
 
@@ -57,6 +59,14 @@ def registry() -> str:
         if name not in catalog.get("repositories", []):
             pytest.fail(f"{ref} is not in the local registry; run scripts/build_images.sh")
     return REGISTRY
+
+
+def upstream_archive() -> Path:
+    """The metaflow-service release archive the service image was built from; fails loudly when missing."""
+    path = UPSTREAM_STAGE / "metaflow-service-v2.5.1.tar.gz"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing; run scripts/build_images.sh (scripts/test.sh does it for you)")
+    return path
 
 
 def stack_flags(root: Path, registry: str, udocker_dir: Path = SHARED_UDOCKER_DIR) -> dict:

@@ -41,8 +41,7 @@ def test_port_taken_names_the_holder(stack: dict) -> None:
 
 def test_registry_down(tmp_path: Path) -> None:
     flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"),
-             "registry": f"http://127.0.0.1:{free_port()}",
-             "postgres_image": "mfstack/postgres:15", "service_image": "mfstack/metaflow-service-standin:test"}
+             "registry": f"http://127.0.0.1:{free_port()}"}
     with pytest.raises(ImageError) as caught:
         installer.up(**flags)
     assert "is not answering" in str(caught.value)
@@ -51,7 +50,7 @@ def test_registry_down(tmp_path: Path) -> None:
 
 def test_image_missing(tmp_path: Path, registry: str) -> None:
     flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"), "registry": registry,
-             "postgres_image": "mfstack/no-such-image:1", "service_image": "mfstack/metaflow-service-standin:test"}
+             "postgres_image": "mfstack/no-such-image:1"}
     with pytest.raises(ImageError) as caught:
         installer.up(**flags)
     assert "mfstack/no-such-image:1" in str(caught.value)
