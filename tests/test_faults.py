@@ -153,8 +153,7 @@ def test_status_json_from_the_command_line(stack: dict) -> None:
     done = subprocess.run([sys.executable, "-m", "installer", "status", "--json", "--root", stack["root"],
                            "--port", stack["port"], "--db-port", stack["db_port"],
                            "--metadata-port", stack["metadata_port"], "--ui-port", stack["ui_port"],
-                           "--udocker-dir", stack["udocker_dir"],
-                           "--postgres-image", stack["postgres_image"], "--service-image", stack["service_image"]],
+                           "--udocker-dir", stack["udocker_dir"]],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     import json
