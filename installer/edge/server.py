@@ -41,7 +41,7 @@ from .forward import Upstream, forward, request_headers, send_continue
 from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page
 from .protocol import ConnectionLimits, EdgeServer
 from .redact import Redactor, install
-from .routes import area, body_problem, method_problem, path_problem
+from .routes import area, body_problem, declares_body, method_problem, path_problem
 from .s3gate import S3Gate
 from .static import StaticFiles
 from .websocket import relay_websocket
@@ -124,8 +124,8 @@ class Edge:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         response = await self._route(request)
-        if not response.prepared and response.status >= 400 and not request.content.is_eof():
-            response.force_close()  # refused with its body unread: never parse that body as a request
+        if not response.prepared and response.status >= 400 and declares_body(request):
+            response.force_close()  # refused with a body, read or not: the connection ends with the refusal
         return response
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
