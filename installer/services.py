@@ -265,6 +265,8 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                   "--s3-socket", str(s3_socket), "--s3-internal-secret-file", str(secrets.s3_internal_file)]
     if settings.no_auth:
         proxy_argv.append("--no-auth")
+    if settings.tunnel:
+        proxy_argv.append("--behind-tunnel")  # cloudflared connects from loopback; see installer/edge/access.py
     proxy = Service(
         name="proxy",
         title="entry point (reverse proxy)",
@@ -278,7 +280,10 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         name="objectstore",
         title="object store (S3)",
         port=0,
-        argv=objectstore_service_argv(settings.objects_dir, s3_socket),
+        argv=objectstore_service_argv(
+            settings.objects_dir, s3_socket,
+            token_file=None if settings.no_auth else secrets.token_file,
+            internal_secret_file=None if settings.no_auth else secrets.s3_internal_file),
         host_dirs=(settings.objects_dir,),
         health=Health("unix-http", str(s3_socket)),
         stop=StopPolicy.HOST_TERM,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .procs import open_private
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -258,5 +259,6 @@ def save(settings: Settings) -> None:
     target = settings.state_dir / SAVED_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(chosen, indent=2, sort_keys=True))
+    with open_private(tmp) as handle:
+        handle.write(json.dumps(chosen, indent=2, sort_keys=True))
     tmp.replace(target)

@@ -139,7 +139,7 @@ def _ensure_database(settings: Settings, password: str) -> None:
 def _lock(settings: Settings, verb: str) -> Iterator[None]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     path = settings.state_dir / "stack.lock"
-    with open(path, "a+") as handle:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -177,7 +177,8 @@ def _record(settings: Settings, service: Service, pid: int) -> None:
     data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None,
             "boot_id": procs.boot_id()}
     tmp = _state_file(settings, service.name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
+    with procs.open_private(tmp) as handle:
+        handle.write(json.dumps(data))
     tmp.replace(_state_file(settings, service.name))
 
 

@@ -50,6 +50,7 @@ def wait_socket(path: Path, pid: int, log: Path, timeout: float = 30.0) -> None:
 class StoreProcess(Process):
     data_dir: Path
     listen: str
+    checks: tuple[Path | None, Path | None, str] = (None, None, "")  # token file, internal file, prefix
 
     @property
     def socket(self) -> Path:
@@ -57,8 +58,9 @@ class StoreProcess(Process):
 
 
 def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, token_file: Path | None = None,
-                internal_secret_file: Path | None = None) -> StoreProcess:
-    """The object store as a subprocess: on its unix socket (default), or on TCP with its own checks."""
+                internal_secret_file: Path | None = None, signed_prefix: str = "") -> StoreProcess:
+    """The object store as a subprocess: on its unix socket (default), or on TCP; with a token file it checks
+    signatures itself (behind the proxy, as the stack runs it, with signed_prefix "/s3")."""
     sock = socket_path(workdir)
     listen = listen or f"unix:{sock}"
     log = workdir / f"objectstore-{int(time.time() * 1000)}.log"
@@ -67,6 +69,8 @@ def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, tok
         cmd += ["--token-file", str(token_file)]
     if internal_secret_file is not None:
         cmd += ["--internal-secret-file", str(internal_secret_file)]
+    if signed_prefix:
+        cmd += ["--signed-prefix", signed_prefix]
     pid = procs.spawn(cmd, log_path=log, cwd=REPO)
     port = 0
     if listen.startswith("unix:"):
@@ -74,7 +78,7 @@ def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, tok
     else:
         port = int(listen.rsplit(":", 1)[1])
         _wait_tcp(port, pid, log)
-    return StoreProcess(pid, port, log, data_dir, listen)
+    return StoreProcess(pid, port, log, data_dir, listen, (token_file, internal_secret_file, signed_prefix))
 
 
 def _wait_tcp(port: int, pid: int, log: Path, timeout: float = 30.0) -> None:
@@ -119,7 +123,9 @@ class S3Stack:
 
     def restart_store(self) -> None:
         self.store.stop()
-        self.store = start_store(self.workdir, self.store.data_dir)
+        token_file, internal, prefix = self.store.checks
+        self.store = start_store(self.workdir, self.store.data_dir, token_file=token_file,
+                                 internal_secret_file=internal, signed_prefix=prefix)
 
     def stop(self) -> None:
         for proc in (self.proxy, self.store, self.metadata, self.ui):
@@ -140,7 +146,8 @@ def start_s3_stack(workdir: Path, *, metadata: bool = True) -> S3Stack:
     read_or_create_secret(internal)
     meta = start_metadata(workdir) if metadata else None
     ui = start_upstream(workdir)
-    store = start_store(workdir, workdir / "objects")
+    store = start_store(workdir, workdir / "objects", token_file=token_file, internal_secret_file=internal,
+                        signed_prefix="/s3")
     proxy = start_proxy(workdir, metadata_url=meta.url if meta else ui.url, ui_url=ui.url,
                         static_dir=make_static_dir(workdir), token_file=token_file,
                         extra=["--s3-socket", str(store.socket), "--s3-internal-secret-file", str(internal)])

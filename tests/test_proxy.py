@@ -41,8 +41,8 @@ from . import helpers_proxy as hp
 
 
 def client_ip() -> dict[str, str]:
-    """A fresh client identity (the proxy keys its failure delay on the last X-Forwarded-For hop from loopback)."""
-    return {"X-Forwarded-For": f"10.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}"}
+    """A fresh client identity, as the tunnel names it (these proxies run with --behind-tunnel)."""
+    return {"Cf-Connecting-Ip": f"10.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +76,8 @@ def metadata(workdir):
 @pytest.fixture(scope="module")
 def proxy(workdir, metadata, upstream, static_dir):
     """The proxy as the stack runs it: /service -> metadata service, /api -> UI backend."""
-    proc = hp.start_proxy(workdir, metadata_url=metadata.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(workdir, metadata_url=metadata.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -84,7 +85,8 @@ def proxy(workdir, metadata, upstream, static_dir):
 @pytest.fixture(scope="module")
 def echo_proxy(workdir, upstream, static_dir):
     """A proxy whose /service upstream is the echo server, to see what the metadata service would receive."""
-    proc = hp.start_proxy(workdir, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(workdir, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -92,7 +94,8 @@ def echo_proxy(workdir, upstream, static_dir):
 @pytest.fixture()
 def own_proxy(tmp_path, upstream, static_dir):
     """A proxy of its own, for tests that change its token."""
-    proc = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -307,7 +310,7 @@ def test_cookie_flow(proxy):
     assert requests.get(proxy.url + "/static/js/main.4d5e6f.js", cookies=cookies).status_code == 200
     # Behind https (the tunnel) the cookie is Secure.
     secure = requests.get(f"{proxy.url}/?token={proxy.token}", allow_redirects=False,
-                          headers={"X-Forwarded-Proto": "https"})
+                          headers={"X-Forwarded-Proto": "https", **client_ip()})
     assert "Secure" in secure.headers["Set-Cookie"]
 
 
@@ -494,12 +497,12 @@ def test_forwarding_strips_credentials_and_hop_by_hop_and_sets_forwarded(echo_pr
     for hop in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "upgrade"):
         assert hop not in names, hop
     assert names["cookie"] == "a=1; b=2"
-    assert names["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert names["x-forwarded-for"] == "127.0.0.1", "a client's own X-Forwarded-For is not passed on"
     assert names["x-forwarded-proto"] == "http"
     assert names["x-forwarded-host"] == f"127.0.0.1:{echo_proxy.port}"
     assert names["x-custom"] == "kept"
     assert seen["bytes"] == len(b'{"tags_to_add": ["a"]}')
-    assert headers["x-upstream"] == "fixture" and headers["set-cookie"] == "upstream=1; Path=/"
+    assert headers["x-upstream"] == "fixture" and "set-cookie" not in headers, "upstream cookies are dropped"
     assert echo_proxy.token not in body.decode()
 
 
