@@ -10,7 +10,7 @@ import html
 
 from aiohttp import web
 
-__all__ = ["HOW_TO_AUTHENTICATE", "json_error", "json_response", "login_page", "s3_error"]
+__all__ = ["HOW_TO_AUTHENTICATE", "json_error", "json_response", "login_page", "s3_error", "ui_starting_page"]
 
 HOW_TO_AUTHENTICATE = ("send header x-api-key: <token> (METAFLOW_SERVICE_AUTH_KEY) "
                        "or open /?token=<token> in a browser")
@@ -47,6 +47,38 @@ on the machine that runs it).</p>
 </form>
 </main></body></html>
 """
+
+
+_STARTING_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="2">
+<title>Metaflow: UI starting</title>
+<style>
+body{font-family:system-ui,sans-serif;background:#f5f6f8;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}
+main{background:#fff;border:1px solid #dde;border-radius:8px;padding:2rem;max-width:30rem;width:90%}
+h1{font-size:1.3rem;margin-top:0} code{background:#eef;padding:0 .2rem}
+</style></head>
+<body><main id="starting">
+<h1>The Metaflow UI is starting</h1>
+<p>The stack is up and already tracks runs; the UI backend needs a few more seconds.
+This page reloads by itself.</p>
+<p>If it stays here, <code>python -m installer status</code> says why and
+<code>python -m installer logs ui-backend</code> shows its log.</p>
+</main></body></html>
+"""
+
+
+def ui_starting_page() -> web.Response:
+    """The answer to a browser while the UI backend is not answering yet: it reloads every 2 s."""
+    response = web.Response(status=503, text=_STARTING_PAGE, content_type="text/html")
+    response.headers.update({
+        "Cache-Control": "no-store",
+        "Retry-After": "2",
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+    })
+    return response
 
 
 def login_page(error: str | None = None) -> web.Response:

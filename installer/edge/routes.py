@@ -1,6 +1,7 @@
 """Which part of the stack a request is for, and the request shapes refused before any route sees them.
 
-    /healthz     {"status": "ok"} or 503 {"status": "degraded"}; no credentials, nothing else revealed
+    /healthz     {"status": "ok", "ui": "ready" | "starting"} once flows can be tracked, else 503
+                 {"status": "degraded", ...}; no credentials, nothing else revealed
     /service/... metadata service, "/service" stripped (writes included: the Metaflow client posts here)
     /api/...     UI backend, prefix kept (it runs with PATH_PREFIX=/api); /api/ws websockets relayed
     /s3/...      the object store, "/s3" stripped; AWS SigV4 instead of the token

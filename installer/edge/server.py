@@ -38,7 +38,7 @@ from .access import (COOKIE_MAX_AGE, COOKIE_NAME, SAFE_METHODS, Client, FailureT
                      is_websocket, loopback_host, same_origin)
 from .config import ProxyConfig, upstream_base, validate
 from .forward import Upstream, forward, request_headers, send_continue
-from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page
+from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page, ui_starting_page
 from .protocol import ConnectionLimits, EdgeServer
 from .redact import Redactor, install
 from .routes import area, body_problem, declares_body, method_problem, path_problem
@@ -87,8 +87,8 @@ class Edge:
             self.s3 = S3Gate(self.s3_credentials, self.gate, config.s3_max_body)
         self.session: aiohttp.ClientSession | None = None
         self.s3_session: aiohttp.ClientSession | None = None
-        self._health: tuple[float, bool] | None = None
-        self._health_lock = asyncio.Lock()
+        self._readiness: dict[str, tuple[float, bool]] = {}
+        self._readiness_lock = asyncio.Lock()
 
     def secrets(self) -> list[str]:
         """Every credential value the log must never show."""
@@ -158,6 +158,9 @@ class Edge:
             return json_error(403, "cross-origin request refused")
         if where in ("api", "service"):
             return await self._to_api(request, client, where)
+        if request.method == "GET" and "text/html" in request.headers.get("Accept", "") \
+                and not await self._ready("ui"):
+            return ui_starting_page()
         return await self.static.serve(request, path)
 
     async def _to_api(self, request: web.BaseRequest, client: Client, where: str) -> web.StreamResponse:
@@ -234,21 +237,31 @@ class Edge:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    async def healthz(self) -> web.Response:
+    async def _ready(self, part: str) -> bool:
+        """Whether the metadata service, the UI backend or the object store answers (cached briefly:
+        unauthenticated requests must not let anyone hammer the upstreams)."""
         assert self.session is not None
-        # Cached briefly: an unauthenticated endpoint must not let anyone hammer the upstreams.
-        async with self._health_lock:
+        async with self._readiness_lock:
             now = time.monotonic()
-            if self._health is None or now - self._health[0] > _HEALTH_CACHE_S:
-                checks = [self._answers(self.metadata, self.session), self._answers(self.ui, self.session)]
-                if self.s3 is not None and self.s3_session is not None:
-                    checks.append(self._answers(self.s3.upstream, self.s3_session))
-                results = await asyncio.gather(*checks)
-                self._health = (time.monotonic(), all(results))
-            healthy = self._health[1]
-        if healthy:
-            return json_response(200, {"status": "ok"})
-        return json_response(503, {"status": "degraded"})
+            known = self._readiness.get(part)
+            if known is None or now - known[0] > _HEALTH_CACHE_S:
+                if part == "s3":
+                    assert self.s3 is not None and self.s3_session is not None
+                    answers = await self._answers(self.s3.upstream, self.s3_session)
+                else:
+                    answers = await self._answers(self.metadata if part == "metadata" else self.ui, self.session)
+                known = self._readiness[part] = (time.monotonic(), answers)
+            return known[1]
+
+    async def healthz(self) -> web.Response:
+        # "ok" once flows can be tracked (metadata service and object store); the UI backend may still be
+        # starting, which the answer says.
+        parts = ["metadata", "ui"] + (["s3"] if self.s3 is not None else [])
+        ready = dict(zip(parts, await asyncio.gather(*(self._ready(part) for part in parts))))
+        ui = "ready" if ready.pop("ui") else "starting"
+        if all(ready.values()):
+            return json_response(200, {"status": "ok", "ui": ui})
+        return json_response(503, {"status": "degraded", "ui": ui})
 
 
 def build_app(config: ProxyConfig) -> Edge:
