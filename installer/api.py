@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import stack
+from . import runtime, stack
 from .clientconfig import ConnectResult
 from .clientconfig import connect as _connect
 from .connection import format_connection, read_connection_file, write_connection_file
 from .errors import ConfigError, StackError
-from .secrets import rotate_secret, write_secret
+from .secrets import rotate_secret
 from .settings import Settings, resolve
 
 Progress = Callable[[stack.Event], None]
@@ -28,14 +28,17 @@ def settings(**flags: Any) -> Settings:
 
 def up(progress: Progress | None = None, **flags: Any) -> stack.StackStatus:
     """Start the stack and return its status once every service is healthy."""
-    resolved = resolve(flags)
-    _apply_token(resolved)
-    return stack.up(resolved, progress or (lambda _: None))
+    return stack.up(resolve(flags), progress or (lambda _: None))
 
 
 def down(progress: Progress | None = None, **flags: Any) -> list[str]:
     """Stop the stack; returns the names of the services that were stopped."""
     return stack.down(resolve(flags), progress or (lambda _: None))
+
+
+def local_registry(verb: str = "status", **flags: Any) -> str | None:
+    """Ask (verb "status") or stop (verb "stop") the local registry the project's scripts started."""
+    return runtime.local_registry(resolve(flags).registry, verb)
 
 
 def status(**flags: Any) -> stack.StackStatus:
@@ -96,6 +99,6 @@ def config(**flags: Any) -> list[tuple[str, str, str]]:
     return resolve(flags).describe()
 
 
-def _apply_token(resolved: Settings) -> None:
-    if resolved.token:
-        write_secret(resolved.token_file, resolved.token)
+def clear_settings(**flags: Any) -> dict[str, str]:
+    """Forget the settings `up` saved under MF_ROOT; returns what was forgotten."""
+    return stack.forget_settings(resolve(flags))

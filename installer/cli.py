@@ -37,14 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="A stateful Metaflow service and UI on a disposable machine.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     verbs.add_parser("up", parents=[common], help="start the stack (pulls images on first use)")
-    verbs.add_parser("down", parents=[common], help="stop the stack cleanly")
+    down = verbs.add_parser("down", parents=[common], help="stop the stack cleanly")
+    down.add_argument("--all", action="store_true", dest="all_",
+                      help="also stop the local registry that scripts/offline_up.sh started")
     status = verbs.add_parser("status", parents=[common], help="show each service's state and the URLs")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     logs = verbs.add_parser("logs", parents=[common], help="show a service's log")
     logs.add_argument("service", nargs="?", help="one service (default: all)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines to show (default 40)")
-    verbs.add_parser("config", parents=[common], help="show every setting and where its value comes from")
+    config = verbs.add_parser("config", parents=[common], help="show every setting and where its value comes from")
+    config.add_argument("--clear", action="store_true",
+                        help="forget the settings `up` saved (stack down), so defaults apply again")
     verbs.add_parser("snapshot", parents=[common], help="take a snapshot now and publish it")
     restore = verbs.add_parser("restore", parents=[common], help="restore the newest good snapshot (stack down)")
     restore.add_argument("--force", action="store_true",
@@ -103,6 +107,13 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
         stopped = api.down(progress=printer.event, **flags)
         printer.line(f"stopped {len(stopped)} service(s) in {time.monotonic() - began:.1f} s"
                      if stopped else "nothing was running")
+        if args.all_:
+            answer = api.local_registry("stop", **flags)
+            if answer:
+                printer.line(f"local registry: {answer}")
+        elif (api.local_registry("status", **flags) or "").startswith("running"):
+            printer.line("the local registry (started by scripts/offline_up.sh) keeps running; "
+                         "`python -m installer down --all` stops it too")
         return 0
     if args.verb == "status":
         status = api.status(**flags)
@@ -136,6 +147,11 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
             printer.line(line)
         return 0
     if args.verb == "config":
+        if args.clear:
+            forgotten = api.clear_settings(**flags)
+            printer.line("forgot the saved settings: " + ", ".join(f"{k}={v}" for k, v in forgotten.items())
+                         if forgotten else "no settings were saved")
+            return 0
         for name, value, source in api.config(**flags):
             printer.line(f"{name:<15} {value:<60} ({source})")
         return 0

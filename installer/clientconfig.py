@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -207,6 +208,11 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
         **plan.settings,
     }
     notes: list[str] = []
+    user = run_user()
+    if user is not None and not (write_profile and "METAFLOW_USER" in _read_profile(profile)):
+        values["METAFLOW_USER"] = user
+        notes.append(f"no user name in this environment ($USER is unset or root, which Metaflow refuses): "
+                     f"runs are recorded as user {user!r} (METAFLOW_USER in the profile)")
     config_path: Path | None = None
     action = "not written"
     replaced: dict[str, str] = {}
@@ -223,12 +229,42 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
                          "`python flow.py run` pick the new settings up)")
     if profile is not None and not set_env:
         notes.append(f"select it with METAFLOW_PROFILE={profile}")
-    if plan.kind == "s3" and importlib.util.find_spec("boto3") is None:
-        notes.append("Metaflow's S3 datastore needs boto3, which this Python lacks: pip install boto3")
+    notes.extend(missing_client_packages(plan.kind))
     return ConnectResult(base_url=base_url, service_url=f"{base_url}/service", service_version=version,
                          profile=profile, settings=values, config_path=config_path, config_action=action,
                          replaced=replaced, kept_keys=kept, env_set=set_env, datastore=plan,
                          notes=tuple(notes), connection_string=format_connection(base_url, token))
+
+
+# Metaflow takes the first of these that is set and not "root" as the user who runs a flow.
+_USER_VARIABLES = ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")
+FALLBACK_USER = "notebook"
+
+
+def run_user(environ: Mapping[str, str] | None = None) -> str | None:
+    """The METAFLOW_USER to write when Metaflow would find no user name, else None.
+
+    A root shell without $USER (Colab's) makes every run fail with "Unknown user".
+    """
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) not in (None, "", "root") for name in _USER_VARIABLES):
+        return None
+    try:
+        login = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        login = ""
+    return login if login and login != "root" else FALLBACK_USER
+
+
+def missing_client_packages(datastore: str) -> list[str]:
+    """A warning for each package the Metaflow client needs here and this Python lacks."""
+    needed = ["metaflow"] + (["boto3"] if datastore == "s3" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if not missing:
+        return []
+    why = " and ".join(missing) + (" (Metaflow's S3 datastore client)" if "boto3" in missing else "")
+    return [f"WARNING: this Python ({sys.executable}) lacks {why}: pip install {' '.join(needed)} "
+            "(in a checkout of this project: pip install '.[client]')"]
 
 
 def _resolve_input(connection: str | None, url: str | None, token: str | None,
@@ -296,7 +332,8 @@ def check_service(base_url: str, token: str, *, timeout: float = 10.0) -> str:
         raise WrongToken(f"{base_url} refused the access token (HTTP 401)"
                          + (f": {body['error']}" if isinstance(body, dict) and body.get("error") else ""),
                          hint="copy the connection string again from the service notebook "
-                              "(python -m installer url); the token changes only if the stack's was reset")
+                              "(python -m installer url); the token changes only when someone runs "
+                              "`python -m installer rotate-token` on the stack")
     if response.status_code == 502:
         service = body.get("service") if isinstance(body, dict) else None
         raise ServiceDown(f"the stack at {base_url} is up, but its {service or 'metadata'} service is not "
@@ -515,16 +552,7 @@ def write_config(values: Mapping[str, str], profile: str | None = None
     Keys already there and not ours are kept; ours overwrite, and the result says which changed.
     """
     path = config_path(profile)
-    existing: dict[str, Any] = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text() or "{}")
-        except (OSError, ValueError) as exc:
-            raise ProfileError(f"cannot merge into {path}: it is not readable JSON ({exc})",
-                               hint=f"fix or move {path} away, or pass another profile name") from exc
-        if not isinstance(existing, dict):
-            raise ProfileError(f"cannot merge into {path}: it does not hold a JSON object",
-                               hint=f"fix or move {path} away, or pass another profile name")
+    existing = _read_profile(profile)
     replaced = {key: _mask(key, str(existing[key])) for key, value in values.items()
                 if key in existing and existing[key] != value}
     kept = tuple(sorted(key for key in existing if key not in values))
@@ -537,6 +565,22 @@ def write_config(values: Mapping[str, str], profile: str | None = None
     except OSError as exc:
         raise ProfileError(f"cannot write {path}: {exc}", hint="check the folder is writable") from exc
     return path, action, replaced, kept
+
+
+def _read_profile(profile: str | None) -> dict[str, Any]:
+    """The Metaflow config file's keys ({} when there is none); refuses one it could not merge into."""
+    path = config_path(profile)
+    if not path.exists():
+        return {}
+    try:
+        existing = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError) as exc:
+        raise ProfileError(f"cannot merge into {path}: it is not readable JSON ({exc})",
+                           hint=f"fix or move {path} away, or pass another profile name") from exc
+    if not isinstance(existing, dict):
+        raise ProfileError(f"cannot merge into {path}: it does not hold a JSON object",
+                           hint=f"fix or move {path} away, or pass another profile name")
+    return existing
 
 
 def _mask(key: str, value: str) -> str:

@@ -1,6 +1,7 @@
 """The one error type users see, and its few specialisations.
 
     StackError                 every failure the CLI or a notebook shows to a person
+    ├── ChecksFailed           `up` found several problems before starting anything
     ├── ConfigError            a bad flag, environment variable or file
     ├── PortInUse              a port the stack needs is taken
     ├── ImageError             an image cannot be pulled or is missing
@@ -40,6 +41,21 @@ class StackError(Exception):
         if self.hint:
             parts.append(f"hint: {self.hint}")
         return "\n".join(parts)
+
+
+class ChecksFailed(StackError):
+    """Several problems found at once, each with its own hint."""
+
+    def __init__(self, problems: list[StackError]) -> None:
+        lines = [f"{len(problems)} problems; nothing was started:"]
+        for number, problem in enumerate(problems, 1):
+            lines.append(f"  {number}. {problem.message}")
+            if problem.log_tail:
+                lines.extend(f"       {line}" for line in problem.log_tail.splitlines())
+            if problem.hint:
+                lines.append(f"     hint: {problem.hint}")
+        super().__init__("\n".join(lines))
+        self.problems = problems
 
 
 class ConfigError(StackError):

@@ -3,7 +3,7 @@
     python -m installer.monitor --root MF_ROOT
 
 Started by `up` as the last service and stopped first by `down`. It reads the
-settings `up` saved under MF_ROOT, checks every few seconds, and gives up on a
+settings `up` saved under MF_ROOT (anew each round), checks every few seconds, and gives up on a
 service that keeps dying (its log says why) rather than restarting it forever.
 """
 
@@ -38,17 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     signal.signal(signal.SIGTERM, _stop)
-    settings = resolve({"root": args.root})
     history: dict[str, deque[float]] = defaultdict(deque)
     given_up: set[str] = set()
 
     def report(event: stack.Event) -> None:
         log.info("%s: %s", event.step, event.message)
 
-    log.info("watching the stack at %s", settings.root)
+    log.info("watching the stack at %s", args.root)
     while True:
         time.sleep(CHECK_EVERY)
         try:
+            # Read each time: `up` saves the settings only once everything, this monitor too, is up.
+            settings = resolve({"root": args.root})
             restarted = stack.restart_dead(settings, report, skip=given_up)
         except StackError as exc:
             log.error("restart failed: %s", exc)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
 import requests
 
 from . import procs
@@ -83,14 +85,23 @@ class Udocker:
             check_registry(registry)
         args = ["pull"] + ([f"--registry={registry}"] if registry else []) + [spec.local_name]
         source = registry or "Docker Hub"
+        errors: list[str] = []
+
+        def on_line(line: str) -> None:
+            # udocker's errors are shown once, in the failure; its progress lines as they come.
+            if line.lstrip().startswith("Error:"):
+                errors.append(line)
+            else:
+                progress(line)
+
         try:
-            output = procs.stream(self.command(*args), progress, env=self.env, timeout=3600,
-                                  what=f"pulling {ref} from {source}")
+            procs.stream(self.command(*args), on_line, env=self.env, timeout=3600,
+                         what=f"pulling {ref} from {source}")
         except StackError as exc:
-            raise ImageError(f"could not pull {ref} from {source}", log_tail=exc.log_tail,
+            raise ImageError(f"could not pull {ref} from {source}", log_tail=clean_pull_errors(errors) or None,
                              hint=_pull_hint(ref, registry)) from exc
         if not self.has_image(ref):
-            raise ImageError(f"image {ref} is not in {source}", log_tail=output[-2000:] or None,
+            raise ImageError(f"image {ref} is not in {source}", log_tail=clean_pull_errors(errors) or None,
                              hint=_pull_hint(ref, registry))
         return True
 
@@ -198,13 +209,34 @@ def _own_engine_installed(udocker_dir: Path) -> bool:
     return any((udocker_dir / "bin").glob("proot-*"))
 
 
+LOCAL_REGISTRY_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "local_registry.sh"
+
+
+def local_registry(registry: str | None, verb: str) -> str | None:
+    """Run scripts/local_registry.sh `verb` (status or stop) for a loopback `registry`; its answer.
+
+    None when there is nothing of ours to ask about: no registry, a remote one, or an
+    installation without the project's scripts (only they start a local registry).
+    """
+    if not registry:
+        return None
+    parts = urlsplit(registry)
+    if parts.hostname not in ("127.0.0.1", "localhost") or not LOCAL_REGISTRY_SCRIPT.is_file():
+        return None
+    done = procs.run(["bash", str(LOCAL_REGISTRY_SCRIPT), verb], timeout=30, check=False,
+                     env={"MFSTACK_REGISTRY_PORT": str(parts.port or 80)})
+    lines = [line.removeprefix("local_registry: ").removeprefix("ERROR: ") for line in done.stdout.splitlines()]
+    return lines[-1] if lines else None
+
+
 def check_registry(registry: str) -> None:
     """Fail early, and clearly, when a custom registry does not answer."""
     try:
         answer = requests.get(f"{registry}/v2/", timeout=5)
     except requests.RequestException as exc:
-        raise ImageError(f"the registry {registry} is not answering ({type(exc).__name__})",
-                         hint="start it (scripts/local_registry.sh start) or check --registry") from exc
+        raise ImageError(f"the registry {registry} is not answering ({_reason(exc)})",
+                         hint="start it (`bash scripts/local_registry.sh start`; `bash scripts/offline_up.sh` "
+                              "does it for you) or check --registry (MF_REGISTRY)") from exc
     if answer.status_code not in (200, 401):
         raise ImageError(f"{registry} does not look like an image registry (HTTP {answer.status_code} on /v2/)",
                          hint="check --registry")
@@ -248,8 +280,62 @@ def image_spec(ref: str) -> ImageSpec:
     return ImageSpec(f"{'/'.join(parts)}:{tag}", registry)
 
 
+DOCKER_HUB_REGISTRY = "https://registry-1.docker.io"
+_MANIFEST_TYPES = ", ".join((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json"))
+
+
+def check_docker_hub(timeout: float = 5.0) -> None:
+    """Fail early, and clearly, when Docker Hub cannot be reached (no internet, a firewall)."""
+    try:
+        requests.get(f"{DOCKER_HUB_REGISTRY}/v2/", timeout=timeout)
+    except requests.RequestException as exc:
+        raise ImageError(f"Docker Hub ({DOCKER_HUB_REGISTRY}) cannot be reached ({_reason(exc)})",
+                         hint=_OFFLINE_HINT) from exc
+
+
+def check_image_in_registry(registry: str, ref: str, timeout: float = 5.0) -> None:
+    """Fail when `registry` answers that it has no image `ref`; an answer that needs a login passes."""
+    name, tag = image_spec(ref).local_name.rsplit(":", 1)
+    # udocker asks a registry for one-part names under library/, as Docker Hub stores them.
+    remote = name if "/" in name else f"library/{name}"
+    try:
+        answer = requests.head(f"{registry}/v2/{remote}/manifests/{tag}", timeout=timeout,
+                               headers={"Accept": _MANIFEST_TYPES})
+    except requests.RequestException as exc:
+        raise ImageError(f"the registry {registry} did not answer for {ref} ({_reason(exc)})",
+                         hint="check --registry") from exc
+    if answer.status_code == 404:
+        raise ImageError(f"image {ref} is not in {registry} (no {remote}:{tag} there)",
+                         hint=_pull_hint(ref, registry))
+
+
+def clean_pull_errors(lines: Sequence[str]) -> str:
+    """udocker's error lines once each, without its unfilled `%s` placeholders."""
+    cleaned = [" ".join(line.replace("%s", " ").split()) for line in lines]
+    return "\n".join(dict.fromkeys(line for line in cleaned if line))
+
+
+def _reason(exc: requests.RequestException) -> str:
+    text = str(exc)
+    for marker, reason in (("Name or service not known", "cannot resolve its host name"),
+                           ("Temporary failure in name resolution", "cannot resolve its host name"),
+                           ("Unable to connect to proxy", "the proxy refused the connection"),
+                           ("Connection refused", "connection refused"), ("timed out", "timed out")):
+        if marker in text:
+            return reason
+    return type(exc).__name__
+
+
+_OFFLINE_HINT = ("without internet, run `bash scripts/offline_up.sh` (it builds the images and serves them "
+                 "from a local registry), or pull from a registry you can reach with --registry URL "
+                 "(MF_REGISTRY)")
+
+
 def _pull_hint(ref: str, registry: str | None) -> str:
     if registry:
         return (f"check that {ref} was pushed to {registry} "
                 "(scripts/build_images.sh builds and pushes the local images)")
-    return "check the image reference and the internet connection, or use --registry with a mirror"
+    return f"check the image reference and this machine's internet access; {_OFFLINE_HINT}"

@@ -72,6 +72,9 @@ class Health:
     kind: str  # "postgres", "http", "unix-http" (HTTP on a unix socket), or "process" (alive is enough)
     target: str  # a DSN, a URL or a socket path
     expect: str = ""  # for http: a substring the body must contain
+    # for postgres: its postmaster.pid, whose status line says "ready" before a connection is tried
+    # (a connection while it starts would only leave a FATAL line in its log)
+    ready_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
             volumes=[(settings.pgdata_dir, PG_GUEST_DATA)])),
         secret_files={pg_env_file: _env_file({"MFSTACK_DB_PASSWORD": secrets.db_password})},
         host_dirs=(settings.pgdata_dir,),
-        health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres")),
+        health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres"),
+                      ready_file=settings.pgdata_dir / "postmaster.pid"),
         stop=StopPolicy.POSTMASTER,
         on_ready=hooks.prepare_database,
         before_stop=hooks.final_snapshot,

@@ -1,4 +1,4 @@
-"""The one place that reads settings: flags > environment > defaults.
+"""The one place that reads settings: flags > environment > saved by `up` > defaults.
 
 Each setting is declared once in SETTINGS (name, environment variable, default,
 help); the CLI builds its flags from the same table, and `installer config`
@@ -123,6 +123,9 @@ SETTINGS: tuple[Setting, ...] = (
 SAVED_FILE = "settings.json"
 # Settings `up` remembers under MF_ROOT, so that later commands talk to the same stack.
 _NOT_SAVED = {"root", "token"}
+SAVED = "saved by `up`"
+# Where images come from: a saved value here is announced by every `up` that uses it.
+IMAGE_SOURCE = ("registry", "postgres_image", "service_image")
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -188,9 +191,13 @@ class Settings:
             if item.name == "sources":
                 continue
             value = getattr(self, item.name)
-            if item.name == "token" and value:
-                value = "***"
-            rows.append((item.name, "" if value is None else str(value), self.sources.get(item.name, "")))
+            source = self.sources.get(item.name, "")
+            if item.name == "token":
+                if value:
+                    value = "***"
+                elif not self.no_auth and self.token_file.is_file():
+                    value, source = "***", f"generated, in {self.token_file}"
+            rows.append((item.name, "" if value is None else str(value), source))
         return rows
 
 
@@ -217,7 +224,7 @@ def resolve(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] |
             sources[setting.name] = f"env {setting.env}"
         elif setting.name in saved:
             values[setting.name] = setting.parse(saved[setting.name])
-            sources[setting.name] = "saved by `up`"
+            sources[setting.name] = SAVED
         else:
             values[setting.name] = setting.default(values)
             sources[setting.name] = "default"
@@ -252,11 +259,28 @@ def _read_saved(root: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in _BY_NAME and k not in _NOT_SAVED and isinstance(v, str)}
 
 
+def saved_settings_file(settings: Settings) -> Path:
+    return settings.state_dir / SAVED_FILE
+
+
+def saved_in_use(settings: Settings) -> dict[str, str]:
+    """The saved values this resolution took (the flag or variable was not given), by name."""
+    return {name: str(getattr(settings, name)) for name, source in settings.sources.items() if source == SAVED}
+
+
+def clear_saved(settings: Settings) -> dict[str, str]:
+    """Forget the settings `up` saved; returns what was forgotten."""
+    path = saved_settings_file(settings)
+    forgotten = _read_saved(settings.root)
+    path.unlink(missing_ok=True)
+    return forgotten
+
+
 def save(settings: Settings) -> None:
     """Remember the settings that did not come from defaults, for later commands on this stack."""
     chosen = {name: str(getattr(settings, name)) for name, source in settings.sources.items()
               if source != "default" and name not in _NOT_SAVED and getattr(settings, name) is not None}
-    target = settings.state_dir / SAVED_FILE
+    target = saved_settings_file(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     with open_private(tmp) as handle:

@@ -25,15 +25,18 @@ import requests
 
 from . import humanize, objectstore, procs, runtime, schema, snapshot, tunnel
 from .connection import read_connection_file, write_connection_file
-from .errors import ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
-from .secrets import read_or_create_secret
+from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
+from .secrets import read_or_create_secret, write_secret
 from .services import (DB_NAME, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
                        migrations_dir, service_container, snapshot_status_file, waves)
-from .settings import Settings
+from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
 
 # Free space wanted before pulling: the three unpacked images measured 2.6 GB.
 PULL_SPACE_BYTES = 3 * 1024**3
+# Free space wanted for PostgreSQL: a new cluster is about 40 MB, and it keeps up to
+# wal_keep_size (256 MB) of write-ahead log.
+PGDATA_SPACE_BYTES = 300 * 1000**2
 STOP_TIMEOUT = 30.0
 
 
@@ -202,6 +205,8 @@ def healthy(check: Health, timeout: float = 3.0) -> bool:
         return objectstore.store_answers(Path(check.target), timeout=timeout)
     try:
         if check.kind == "postgres":
+            if check.ready_file is not None and _postmaster_status(check.ready_file) != "ready":
+                return False
             with psycopg.connect(check.target, connect_timeout=max(1, int(timeout))) as conn:
                 conn.execute("SELECT 1")
             return True
@@ -215,10 +220,14 @@ def healthy(check: Health, timeout: float = 3.0) -> bool:
 
 
 def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
-    """Start whatever is not running, in order, each confirmed healthy before the next."""
+    """Start whatever is not running, in order, each confirmed healthy before the next.
+
+    Everything that can be checked is checked before anything starts; if a start still fails,
+    what this call started is stopped again (what ran before it is left alone), and only an
+    `up` that succeeded saves its settings.
+    """
     _check_root(settings)
     with _lock(settings, "up"):
-        save_settings(settings)
         steps: list[dict] = []
 
         def step(name: str, action: Callable[[Progress], str | None]) -> None:
@@ -229,36 +238,173 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
             steps.append({"step": name, "seconds": round(seconds, 2), "detail": detail or ""})
             report(Event(name, detail or "done", seconds))
 
-        holder: dict[str, _Stack] = {}
-        step("runtime", lambda p: _prepare_runtime(settings, holder, p))
-        stack = holder["stack"]
+        previous_token = _apply_token(settings)
+        holder: dict = {}
+        try:
+            step("runtime", lambda p: _prepare_runtime(settings, holder, p))
+        except BaseException:
+            _restore_token(settings, previous_token)
+            raise
+        stack: _Stack = holder["stack"]
+        saved = saved_in_use(settings)
+        if saved:
+            report(Event("settings", _saved_notice(settings, saved)))
         if _all_running(settings, stack):
             status = _status(settings, stack)
             status.already_running = True
             return status
-        step("images", lambda p: _pull_images(stack, p))
-        restored = None
-        if not settings.no_snapshots:
-            step("snapshot-dir", lambda p: _check_snapshot_dir(settings))
-            if _is_empty(settings.pgdata_dir):
-                holder["restored"] = None
-                step("restore", lambda p: _restore_if_any(settings, holder, p))
-                restored = holder["restored"]
-        for wave in waves(stack.services):
-            # Services of one wave need only what already runs: start them side by side.
-            with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-                started = [pool.submit(step, s.name, lambda p, s=s: _start(stack, s, p)) for s in wave]
-                for future in started:
-                    future.result()
-        if settings.tunnel:
-            step("tunnel", lambda p: _start_tunnel(settings))
-        else:
-            write_connection_file(settings.root, f"http://127.0.0.1:{settings.port}", access_token(settings) or "",
-                                  {"tunnel": False})
+        started: list[Service] = []
+        try:
+            step("checks", lambda p: _preflight(stack))
+            step("images", lambda p: _pull_images(stack, p))
+            if not settings.no_snapshots:
+                step("snapshot-dir", lambda p: _check_snapshot_dir(settings))
+                if _is_empty(settings.pgdata_dir):
+                    step("restore", lambda p: _restore_if_any(settings, holder, p))
+            for wave in waves(stack.services):
+                # Services of one wave need only what already runs: start them side by side.
+                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                    futures = [pool.submit(step, s.name, lambda p, s=s: _start(stack, s, p, started))
+                               for s in wave]
+                    for future in futures:
+                        future.result()
+            if settings.tunnel and not _tunnel_running(settings):
+                holder["tunnel"] = True
+                step("tunnel", lambda p: _start_tunnel(settings))
+            elif not settings.tunnel:
+                write_connection_file(settings.root, f"http://127.0.0.1:{settings.port}",
+                                      access_token(settings) or "", {"tunnel": False})
+        except BaseException as exc:
+            account = _undo(stack, started, holder, report)
+            _restore_token(settings, previous_token)
+            if isinstance(exc, StackError):
+                exc.message = f"{exc.message}\n{account}"
+            raise
+        save_settings(settings)
         status = _status(settings, stack)
         status.steps = steps
-        status.restored = restored
+        status.restored = holder.get("restored")
         return status
+
+
+def _apply_token(settings: Settings) -> str | None:
+    """Store a token given as a flag or in the environment; returns the one it replaced."""
+    if not settings.token:
+        return None
+    try:
+        previous = settings.token_file.read_text().strip()
+    except OSError:
+        previous = None
+    if previous != settings.token:
+        write_secret(settings.token_file, settings.token)
+    return previous if previous != settings.token else None
+
+
+def _restore_token(settings: Settings, previous: str | None) -> None:
+    if previous:
+        write_secret(settings.token_file, previous)
+
+
+def _saved_notice(settings: Settings, saved: dict[str, str]) -> str:
+    shown = ", ".join(f"{name}={value}" for name, value in saved.items())
+    line = f"using settings saved by an earlier `up` ({saved_settings_file(settings)}): {shown}"
+    if any(name in IMAGE_SOURCE for name in saved):
+        line += "; so images come from there, not from the defaults"
+    return line + "; `python -m installer config --clear` forgets them (or pass the flag you want)"
+
+
+def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter) -> str:
+    """Stop what this `up` started, newest first; say what that leaves behind."""
+    settings = stack.settings
+    stopped: list[str] = []
+    if holder.get("tunnel") and tunnel.stop_recorded_tunnel(settings):
+        tunnel.state_path(settings).unlink(missing_ok=True)
+        stopped.append("tunnel")
+    order = [s.name for s in stack.services]
+    for service in sorted(started, key=lambda s: order.index(s.name), reverse=True):
+        pid = _live_pid(settings, service.name)
+        if pid is not None:
+            report(Event(service.name, "stopping: this `up` started it"))
+            with contextlib.suppress(StackError):
+                _stop(stack, service, pid)
+        if _live_pid(settings, service.name) is None:
+            _state_file(settings, service.name).unlink(missing_ok=True)
+            stopped.append(service.name)
+    left = [s.name for s in stack.services if _live_pid(settings, s.name) is not None]
+    parts = []
+    if stopped:
+        parts.append(f"`up` stopped what it had started ({', '.join(stopped)})")
+    else:
+        parts.append("`up` had started nothing")
+    if left:
+        parts.append(f"still running from before this `up`: {', '.join(left)} (`python -m installer down` "
+                     "stops them)")
+    else:
+        parts.append("nothing of this stack is running")
+    if holder.get("restored"):
+        parts.append(f"the data folder {settings.pgdata_dir} keeps the database it restored")
+    parts.append("no setting was saved")
+    return "; ".join(parts) + "."
+
+
+def _preflight(stack: _Stack) -> str:
+    """Everything `up` can check before it starts anything; every problem is reported at once."""
+    settings = stack.settings
+    problems: list[StackError] = []
+
+    def check(action: Callable[[], object]) -> None:
+        try:
+            action()
+        except ChecksFailed as exc:
+            problems.extend(exc.problems)
+        except StackError as exc:
+            problems.append(exc)
+
+    not_running = [s for s in stack.services if _live_pid(settings, s.name) is None]
+    for service in not_running:
+        check(lambda s=service: _check_port(settings, s))
+    for folder, name in ((settings.pgdata_dir, "pgdata_dir"), (settings.cache_dir, "cache_dir")):
+        check(lambda f=folder, n=name: _check_writable(f, n))
+    if not settings.no_snapshots:
+        check(lambda: _check_snapshot_dir(settings))
+    refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
+    missing = [ref for ref in refs if not stack.udocker.has_image(ref)]
+    if missing:
+        check(lambda: _check_space(settings.udocker_dir, PULL_SPACE_BYTES, "pulling images", "udocker_dir"))
+        check(lambda: _check_image_source(settings, missing))
+    if any(s.name == "postgres" for s in not_running):
+        check(lambda: _check_space(settings.pgdata_dir, PGDATA_SPACE_BYTES, "the database", "pgdata_dir"))
+    if len(problems) == 1:
+        only = problems[0]
+        only.hint = f"{only.hint}; nothing was started" if only.hint else "nothing was started"
+        raise only
+    if problems:
+        raise ChecksFailed(problems)
+    found = f"{len(refs) - len(missing)} of {len(refs)} image(s) present" + (
+        f", {len(missing)} to pull from {settings.registry or 'Docker Hub'}" if missing else "")
+    return f"ports free, folders writable, disk space enough, {found}"
+
+
+def _check_image_source(settings: Settings, missing: list[str]) -> None:
+    if not settings.registry:
+        runtime.check_docker_hub()
+        return
+    runtime.check_registry(settings.registry)
+    problems: list[StackError] = []
+    for ref in missing:
+        try:
+            runtime.check_image_in_registry(settings.registry, ref)
+        except StackError as exc:
+            problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ChecksFailed(problems)
+
+
+def _flag_of(name: str) -> str:
+    setting = next(s for s in SETTINGS if s.name == name)
+    return f"--{name.replace('_', '-')} ({setting.env})"
 
 
 def _is_empty(folder: Path) -> bool:
@@ -343,26 +489,28 @@ def _prepare_runtime(settings: Settings, holder: dict, progress: Progress) -> st
 
 
 def _check_root(settings: Settings) -> None:
-    for folder in (settings.root, settings.pgdata_dir.parent):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"{folder} is not writable: {exc.strerror}",
-                              hint="choose another folder with MF_ROOT / PGDATA_DIR (or --root / --pgdata-dir)") from exc
+    _check_writable(settings.root, "root")
     for sub in (settings.logs_dir, settings.state_dir, settings.secrets_dir, settings.datastore_dir):
         sub.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):  # Google Drive's FUSE folder keeps no modes
         settings.secrets_dir.chmod(0o700)
 
 
+def _check_writable(folder: Path, setting: str) -> None:
+    """`folder` exists (created if need be) and takes a file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{folder} is not writable: {exc.strerror}",
+                          hint=f"choose another folder with {_flag_of(setting)}") from exc
+
+
 def _pull_images(stack: _Stack, progress: Progress) -> str:
     refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
     missing = [ref for ref in refs if not stack.udocker.has_image(ref)]
-    if missing:
-        _check_space(stack.settings.udocker_dir, PULL_SPACE_BYTES, "pulling images")
     pulled = [ref for ref in missing if stack.udocker.pull(ref, stack.settings.registry, progress)]
     created = 0
     for service in stack.services:
@@ -374,15 +522,17 @@ def _pull_images(stack: _Stack, progress: Progress) -> str:
     return ", ".join(parts)
 
 
-def _check_space(folder: Path, needed: int, doing: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+def _check_space(folder: Path, needed: int, doing: str, setting: str) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     if free < needed:
-        raise StackError(f"not enough free disk space for {doing}: {free / 1e9:.1f} GB free under {folder}, "
-                         f"about {needed / 1e9:.1f} GB needed", hint="free some space or point UDOCKER_DIR elsewhere")
+        raise StackError(f"not enough free disk space for {doing}: {humanize.size(free)} free under {folder}, "
+                         f"about {humanize.size(needed)} needed",
+                         hint=f"free some space, or point {_flag_of(setting)} to a larger disk")
 
 
-def _start(stack: _Stack, service: Service, progress: Progress) -> str | None:
+def _start(stack: _Stack, service: Service, progress: Progress, started: list[Service] | None = None) -> str | None:
+    """Start `service` unless it runs healthy; `started` collects what was started here."""
     settings = stack.settings
     pid = _live_pid(settings, service.name)
     if pid is not None and healthy(service.health):
@@ -391,11 +541,13 @@ def _start(stack: _Stack, service: Service, progress: Progress) -> str | None:
         if pid is not None:
             progress(f"pid {pid} is not healthy; restarting it")
             _stop(stack, service, pid)
-        _check_port(service)
+        _check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
         pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
         _record(settings, service, pid)
+        if started is not None:
+            started.append(service)
         _wait_healthy(settings, service, pid, log_path)
         detail = f"healthy on port {service.port} (pid {pid})" if service.port else f"running (pid {pid})"
     if service.on_ready:
@@ -417,7 +569,10 @@ def _prepare_files(service: Service) -> None:
         tmp.replace(path)
 
 
-def _check_port(service: Service) -> None:
+_PORT_SETTINGS = ("port", "metadata_port", "ui_port", "db_port")
+
+
+def _check_port(settings: Settings, service: Service) -> None:
     if not service.port:
         return
     holder = procs.listener_of(service.port)
@@ -425,8 +580,12 @@ def _check_port(service: Service) -> None:
         return
     pid, command = holder
     who = f"pid {pid} ({command[:120]})" if pid else command
-    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}",
-                    hint=f"stop that process, or give the {service.title} another port (see `installer config`)")
+    name = next(n for n in _PORT_SETTINGS if getattr(settings, n) == service.port)
+    hint = (f"stop that process, or give the {service.title} another port: {_flag_of(name)}, "
+            f"e.g. {_flag_of(name).split()[0]} {procs.free_port()}")
+    if name == "port":
+        hint += " (the connection string changes with it: run `connect` again where it was used)"
+    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}", hint=hint)
 
 
 def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path) -> None:
@@ -439,12 +598,13 @@ def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path
             procs.wait_gone([pid], 0)
             raise ServiceFailed(f"the {service.title} exited during start-up", log=log_path,
                                 log_tail=procs.tail(log_path),
-                                hint=f"read {log_path}; `installer logs {service.name}` shows it too")
+                                hint=f"read {log_path}; `python -m installer logs {service.name}` shows it too")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
     raise ServiceFailed(f"the {service.title} did not become healthy within {settings.start_timeout:.0f} s",
                         log=log_path, log_tail=procs.tail(log_path),
-                        hint="it is left running for inspection; `installer down` stops it")
+                        hint=f"read {log_path} (`python -m installer logs {service.name}`); on a slow "
+                             f"machine a longer {_flag_of('start_timeout')} may help")
 
 
 def _all_running(settings: Settings, stack: _Stack) -> bool:
@@ -523,6 +683,15 @@ def _stop(stack: _Stack, service: Service, pid: int) -> None:
 def _is_runtime_process(info: procs.ProcInfo) -> bool:
     head = " ".join(info.cmdline[:2])
     return "udocker" in head or "proot" in (info.cmdline[0] if info.cmdline else "")
+
+
+def _postmaster_status(pid_file: Path) -> str | None:
+    """The state PostgreSQL keeps on line 8 of postmaster.pid: starting, ready, stopping, standby."""
+    try:
+        lines = pid_file.read_text().splitlines()
+    except OSError:
+        return None
+    return lines[7].strip() if len(lines) > 7 else None
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:
@@ -625,6 +794,17 @@ def restore(settings: Settings, force: bool = False) -> snapshot.RestoreReport:
             raise StackError("PostgreSQL is running on this data folder", hint="run `down` first")
         snapshot.check_destination(settings.snapshot_dir, writable=False)
         return snapshot.restore(settings.snapshot_dir, settings.pgdata_dir, force=force)
+
+
+def forget_settings(settings: Settings) -> dict[str, str]:
+    """Forget what `up` saved; refused while services of this stack run (they were started with it)."""
+    with _lock(settings, "config --clear"):
+        running = sorted(path.stem for path in settings.state_dir.glob("*.json")
+                         if _live_pid(settings, path.stem) is not None)
+        if running:
+            raise StackError(f"the stack is running ({', '.join(running)}) with the saved settings",
+                             hint="run `python -m installer down` first, then clear them")
+        return clear_saved(settings)
 
 
 def service_names(settings: Settings) -> list[str]:

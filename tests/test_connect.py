@@ -54,6 +54,9 @@ def clean_metaflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
         if key.startswith("METAFLOW_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "mfconfig"))
+    for key in ("SUDO_USER", "USERNAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("USER", "tester")  # a user name Metaflow accepts; see the no-user test
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -176,6 +179,40 @@ def test_existing_profile_is_merged_and_the_result_says_so(stack: ProxyStandIn, 
     assert "METAFLOW_SERVICE_URL" not in os.environ
     assert any("METAFLOW_PROFILE=gpu" in note for note in result.notes)
     assert not (tmp_path / "mfconfig" / "config.json").exists()
+
+
+@pytest.mark.parametrize("user", [None, "", "root"])
+def test_a_shell_without_a_user_name_gets_one_in_the_profile(stack: ProxyStandIn, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             user: str | None) -> None:
+    if user is None:
+        monkeypatch.delenv("USER")
+    else:
+        monkeypatch.setenv("USER", user)
+    monkeypatch.delenv("LOGNAME", raising=False)
+    result = connect(format_connection(stack.url, TOKEN), set_env=False)
+    written = json.loads((tmp_path / "mfconfig" / "config.json").read_text())
+    # Tests run as root, whose name Metaflow refuses: the stand-in name is written.
+    assert written["METAFLOW_USER"] == connect_mod.FALLBACK_USER == "notebook"
+    assert any("runs are recorded as user 'notebook' (METAFLOW_USER in the profile)" in n for n in result.notes)
+
+    # A user name already in the profile is the user's choice: kept.
+    (tmp_path / "mfconfig" / "config.json").write_text(json.dumps({"METAFLOW_USER": "ada"}))
+    again = connect(format_connection(stack.url, TOKEN), set_env=False)
+    assert json.loads((tmp_path / "mfconfig" / "config.json").read_text())["METAFLOW_USER"] == "ada"
+    assert not any("METAFLOW_USER" in n for n in again.notes)
+
+
+def test_missing_client_packages_are_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = connect_mod.importlib.util.find_spec
+    monkeypatch.setattr(connect_mod.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("metaflow", "boto3") else real(name, *a))
+    (warning,) = connect_mod.missing_client_packages("s3")
+    assert "lacks metaflow and boto3" in warning
+    assert "pip install metaflow boto3" in warning and "pip install '.[client]'" in warning
+    assert connect_mod.missing_client_packages("local") == [
+        warning.replace("metaflow and boto3 (Metaflow's S3 datastore client)", "metaflow")
+               .replace("pip install metaflow boto3", "pip install metaflow")]
 
 
 def test_unreadable_profile_is_not_overwritten(stack: ProxyStandIn, tmp_path: Path) -> None:

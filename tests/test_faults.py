@@ -28,11 +28,11 @@ def test_port_taken_names_the_holder(stack: dict) -> None:
         with pytest.raises(PortInUse) as caught:
             installer.up(**stack)
         message = str(caught.value)
-        assert f"port {stack['metadata_port']}" in message
-        assert "metadata service" in message
-        assert f"pid {holder.pid}" in message and "http.server" in message
-        # What started before the failure is still tracked, so `down` stops it.
-        assert installer.status(**stack).services[0].state == "running"
+        assert f"port {stack['metadata_port']}, needed by the metadata service, is already taken by pid {holder.pid}" \
+            in message and "http.server" in message
+        assert "--metadata-port (MF_METADATA_PORT)" in message
+        assert "nothing was started" in message
+        assert {s.state for s in installer.status(**stack).services} == {"stopped"}
     finally:
         holder.kill()
         holder.wait()
