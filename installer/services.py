@@ -92,6 +92,8 @@ class Service:
     secret_files: Mapping[Path, str] = field(default_factory=dict)  # written 0600 before start, never in argv
     host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
     depends_on: tuple[str, ...] = ()
+    # False: `up` starts it and goes on; it becomes healthy on its own (the monitor restarts it if it dies).
+    awaited: bool = True
     on_ready: Callable[[Progress], str | None] | None = None
     before_stop: Callable[[Progress], str | None] | None = None
 
@@ -259,6 +261,9 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
         depends_on=("postgres",),
+        # Flows need only PostgreSQL, the metadata service, the object store and the entry point: `up`
+        # returns once those answer, and the entry point shows a "UI starting" page until this one does.
+        awaited=settings.wait_ui,
     )
     proxy_argv = [sys.executable, "-m", "installer.proxy",
                   "--listen-host", settings.bind, "--listen-port", str(settings.port),
@@ -278,7 +283,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(proxy_argv),
         health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
         stop=StopPolicy.HOST_TERM,
-        depends_on=("metadata", "ui-backend", "objectstore"),
+        depends_on=("metadata", "objectstore"),
     )
     objectstore = Service(
         name="objectstore",

@@ -532,10 +532,42 @@ def test_upstream_down_gives_502_naming_the_service(tmp_path, static_dir):
         assert response.json() == {"error": f"UI backend is not answering on 127.0.0.1:{dead_ui}"}
         assert asyncio.run(_ws_attempt(proxy.url.replace("http", "ws") + "/api/ws", headers=key)) == 502
         health = requests.get(proxy.url + "/healthz")
-        assert health.status_code == 503 and health.json() == {"status": "degraded"}
+        assert health.status_code == 503 and health.json() == {"status": "degraded", "ui": "starting"}
         assert "Fixture UI index" in requests.get(proxy.url + "/", headers=key).text, "the UI files still serve"
     finally:
         proxy.stop()
+
+
+def test_a_browser_gets_a_self_reloading_page_while_the_ui_backend_starts(tmp_path, static_dir, upstream):
+    """Flows are tracked as soon as the metadata service answers; the UI page waits for its backend."""
+    ui_port = hp.free_port()
+    proxy = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=f"http://127.0.0.1:{ui_port}",
+                           static_dir=static_dir)
+    late_ui = None
+    try:
+        health = requests.get(proxy.url + "/healthz")
+        assert health.status_code == 200 and health.json() == {"status": "ok", "ui": "starting"}
+        key = {"x-api-key": proxy.token}
+        assert requests.get(proxy.url + "/service/ping", headers=key).text == "pong"
+        page = requests.get(proxy.url + "/FanoutFlow/3", headers={**key, "Accept": "text/html"})
+        assert page.status_code == 503 and page.headers["Retry-After"] == "2"
+        assert '<meta http-equiv="refresh" content="2">' in page.text
+        assert "The Metaflow UI is starting" in page.text and "Fixture UI index" not in page.text
+        assert page.headers["Cache-Control"] == "no-store"
+        # Assets and API clients are not sent the page: only browser navigations are.
+        assert requests.get(proxy.url + "/static/js/main.4d5e6f.js", headers=key).status_code == 200
+
+        late_ui = hp.start_upstream(tmp_path, port=ui_port)
+        deadline = time.monotonic() + 10
+        while requests.get(proxy.url + "/healthz").json()["ui"] != "ready":
+            assert time.monotonic() < deadline, "the proxy never noticed the UI backend"
+            time.sleep(0.2)
+        page = requests.get(proxy.url + "/FanoutFlow/3", headers={**key, "Accept": "text/html"})
+        assert page.status_code == 200 and "Fixture UI index" in page.text
+    finally:
+        proxy.stop()
+        if late_ui is not None:
+            late_ui.stop()
 
 
 def test_response_is_streamed_not_buffered(proxy, upstream):

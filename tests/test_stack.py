@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import psycopg
@@ -167,3 +168,29 @@ def test_monitor_restarts_what_dies(stack: dict) -> None:
     assert "snapshots: died; starting it again" in monitor_log
     # What did not die was left alone.
     assert now["postgres"][0] == first["postgres"] and now["metadata"][0] == first["metadata"]
+
+
+def test_up_returns_once_flows_can_be_tracked_and_status_tells_when_the_ui_is_ready(stack: dict) -> None:
+    status = installer.up(**stack)
+    assert status.running
+    steps = {step["step"]: step for step in status.steps}
+    assert steps["ui-backend"]["detail"].startswith("starting on port"), steps["ui-backend"]
+    assert steps["metadata"]["detail"].startswith("healthy on port")
+    base = f"http://127.0.0.1:{stack['port']}"
+    headers = {"x-api-key": installer.token(**stack)}
+    # Flows can be tracked now: the metadata API answers through the entry point.
+    assert requests.get(f"{base}/service/ping", headers=headers, timeout=10).text == "pong"
+    assert requests.get(f"{base}/healthz", timeout=10).json()["status"] == "ok"
+
+    deadline = time.monotonic() + float(stack["start_timeout"])
+    while not (now := installer.status(**stack)).ui_ready:
+        row = next(r for r in now.services if r.name == "ui-backend")
+        assert row.starting and now.running, row
+        assert time.monotonic() < deadline, "the UI backend never became ready"
+        time.sleep(0.5)
+    assert requests.get(f"{base}/api/ping", headers=headers, timeout=10).text == "pong"
+
+    installer.down(**stack)
+    waited = installer.up(wait_ui=True, **stack)
+    assert waited.running and waited.ui_ready
+    assert {s["step"]: s for s in waited.steps}["ui-backend"]["detail"].startswith("healthy on port")
