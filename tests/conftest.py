@@ -88,7 +88,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Ite
     import installer
 
     flags = stack_flags(tmp_path_factory.mktemp("shared-stack") / "root", registry)
-    status = installer.up(**flags)
+    status = installer.up(wait_ui=True, **flags)
     if not status.running:
         pytest.fail(f"the shared stack did not start: {status}")
     yield flags

@@ -149,7 +149,7 @@ def _wait_listening(port: int) -> None:
 
 
 def test_status_json_from_the_command_line(stack: dict) -> None:
-    installer.up(**stack)
+    installer.up(wait_ui=True, **stack)
     done = subprocess.run([sys.executable, "-m", "installer", "status", "--json", "--root", stack["root"],
                            "--port", stack["port"], "--db-port", stack["db_port"],
                            "--metadata-port", stack["metadata_port"], "--ui-port", stack["ui_port"],
