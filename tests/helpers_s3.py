@@ -1,10 +1,10 @@
 """Real processes for the object store tests: the store, the proxy in front of it, boto3 clients.
 
-`start_s3_stack` runs, each as its own subprocess: the real metadata API
-(metaflow-local-service, see helpers_proxy), `python -m installer.objectstore`
-on a unix socket in a 0700 folder, and `python -m installer.proxy` serving both
-(`/service`, `/s3`), exactly as the stack wires them. The UI backend is the
-small aiohttp stand-in of helpers_proxy (it answers /api/ping, so /healthz is ok).
+`start_s3_stack` runs, each as its own subprocess: `python -m installer.objectstore`
+on a unix socket in a 0700 folder, and `python -m installer.proxy` serving it under
+`/s3`, exactly as the stack wires them, with `/service` sent to the metadata service
+given (the shared stack's real one) or to the small aiohttp server of helpers_proxy,
+which also plays /api (it answers /ping and /api/ping, so /healthz is ok).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from installer.objectstore import socket_path
 from installer.s3auth import INTERNAL_ACCESS_KEY_ID, Credentials, credentials_for_token
 from installer.secrets import read_or_create_secret, read_secret
 
-from .helpers_proxy import (REPO, Process, ProxyProcess, make_static_dir, start_metadata, start_proxy,
-                            start_upstream)
+from .helpers_proxy import REPO, Process, ProxyProcess, make_static_dir, start_proxy, start_upstream
 
 
 def wait_socket(path: Path, pid: int, log: Path, timeout: float = 30.0) -> None:
@@ -97,7 +96,6 @@ def _wait_tcp(port: int, pid: int, log: Path, timeout: float = 30.0) -> None:
 @dataclass
 class S3Stack:
     workdir: Path
-    metadata: Process | None
     store: StoreProcess
     proxy: ProxyProcess
     ui: Process
@@ -128,30 +126,27 @@ class S3Stack:
                                  internal_secret_file=internal, signed_prefix=prefix)
 
     def stop(self) -> None:
-        for proc in (self.proxy, self.store, self.metadata, self.ui):
-            if proc is None:
-                continue
+        for proc in (self.proxy, self.store, self.ui):
             try:
                 proc.stop()
             except Exception:  # noqa: BLE001 - stop the others whatever happened to one
                 pass
 
 
-def start_s3_stack(workdir: Path, *, metadata: bool = True) -> S3Stack:
+def start_s3_stack(workdir: Path, *, metadata_url: str | None = None) -> S3Stack:
     workdir.mkdir(parents=True, exist_ok=True)
     secrets = workdir / "secrets"
     token_file = secrets / "token"
     internal = secrets / "s3-internal"
     read_or_create_secret(token_file)
     read_or_create_secret(internal)
-    meta = start_metadata(workdir) if metadata else None
     ui = start_upstream(workdir)
     store = start_store(workdir, workdir / "objects", token_file=token_file, internal_secret_file=internal,
                         signed_prefix="/s3")
-    proxy = start_proxy(workdir, metadata_url=meta.url if meta else ui.url, ui_url=ui.url,
+    proxy = start_proxy(workdir, metadata_url=metadata_url or ui.url, ui_url=ui.url,
                         static_dir=make_static_dir(workdir), token_file=token_file,
                         extra=["--s3-socket", str(store.socket), "--s3-internal-secret-file", str(internal)])
-    return S3Stack(workdir, meta, store, proxy, ui, internal)
+    return S3Stack(workdir, store, proxy, ui, internal)
 
 
 def s3_client(endpoint: str, credentials: Credentials, **config: object):

@@ -71,7 +71,7 @@ def _seed(stack: S3Stack) -> None:
 @pytest.fixture(scope="module")
 def wired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
     """Proxy and store as the stack wires them: both check signatures."""
-    stack = start_s3_stack(tmp_path_factory.mktemp("wired"), metadata=False)
+    stack = start_s3_stack(tmp_path_factory.mktemp("wired"))
     yield stack
     stack.stop()
 
@@ -79,7 +79,7 @@ def wired(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
 @pytest.fixture(scope="module")
 def proxy_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
     """The proxy's gate alone: a store that checks no signatures behind it."""
-    stack = start_s3_stack(tmp_path_factory.mktemp("proxyonly"), metadata=False)
+    stack = start_s3_stack(tmp_path_factory.mktemp("proxyonly"))
     stack.store.stop()
     stack.store = start_store(stack.workdir, stack.store.data_dir)
     yield stack

@@ -1,10 +1,10 @@
 """The reverse proxy, run as a real `python -m installer.proxy` process in front of real servers.
 
-Upstreams: the metadata API of the PyPI package `metaflow-local-service` (a real
-FastAPI metadata service) for /service, and a small aiohttp server of ours
-(tests/helpers_proxy.py) standing in for the UI backend; for the forwarding
-tests a second proxy sends /service to that echo server too, so we can see
-exactly what an upstream receives. Flows are run by the real `metaflow` client.
+Upstreams: the real metadata service of the shared stack (upstream v2.5.1 on PostgreSQL) for
+/service, and a small aiohttp server of ours (tests/helpers_proxy.py) that records and echoes
+what it receives, for /api; for the forwarding tests a second proxy sends /service to that echo
+server too, so we can see exactly what an upstream receives. Flows are run by the real
+`metaflow` client.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -67,10 +68,9 @@ def upstream(workdir):
 
 
 @pytest.fixture(scope="module")
-def metadata(workdir):
-    proc = hp.start_metadata(workdir)
-    yield proc
-    proc.stop()
+def metadata(shared_stack):
+    """The shared stack's metadata service, reached directly (this module's proxies sit in front of it)."""
+    return SimpleNamespace(url=f"http://127.0.0.1:{shared_stack['metadata_port']}")
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +290,7 @@ def test_browser_without_token_gets_login_page(proxy):
 
 def test_healthz_needs_no_credentials_and_reveals_nothing(proxy):
     response = requests.get(proxy.url + "/healthz")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200 and response.json() == {"status": "ok", "ui": "ready"}
     assert "Set-Cookie" not in response.headers
 
 

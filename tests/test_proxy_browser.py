@@ -1,10 +1,9 @@
 """The proxy seen from a real browser: headless Chromium driven over the DevTools protocol.
 
-Behind the proxy: the UI files are a small fixture bundle (index.html + hashed
-assets, laid out like metaflow-ui's), and the UI backend is played by the small
-aiohttp HTTP + websocket server in tests/helpers_proxy.py (the real UI backend
-needs PostgreSQL and the service image; here only the proxy's behaviour is under
-test). Screenshots of each state are left in /tmp/proxy-browser-*.png.
+Here only the proxy's behaviour is under test (sign-in, cookie, websocket relay): the UI files
+are a small fixture bundle laid out like metaflow-ui's, and /api goes to the small aiohttp
+server of tests/helpers_proxy.py, which shows what reached it. The real UI with the real UI
+backend is driven in tests/test_real_service.py. Screenshots of each state are left in /tmp/proxy-browser-*.png.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def test_browser_login_page_then_ui_and_websocket(stack, chromium):
     assert found["cookie_visible_to_js"] is False, "the session cookie must be HttpOnly"
     ws = found["ws_with_cookie"]
     assert ws["outcome"] == "open", ws
-    assert json.loads(ws["messages"][0])["hello"] == "from the UI backend stand-in"
+    assert json.loads(ws["messages"][0])["hello"] == "from the test upstream"
     assert ws["messages"][1] == "echo:from-the-page"
     assert found["api_with_cookie"] == "pong"
 
