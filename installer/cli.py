@@ -112,8 +112,8 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
             if answer:
                 printer.line(f"local registry: {answer}")
         elif (api.local_registry("status", **flags) or "").startswith("running"):
-            printer.line("the local registry (started by scripts/offline_up.sh) keeps running; "
-                         "`python -m installer down --all` stops it too")
+            printer.line(f"the local registry {api.settings(**flags).registry} (started by this project's "
+                         "scripts) keeps running; `python -m installer down --all` stops it too")
         return 0
     if args.verb == "status":
         status = api.status(**flags)

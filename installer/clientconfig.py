@@ -240,13 +240,18 @@ _USER_VARIABLES = ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")
 FALLBACK_USER = "notebook"
 
 
+def metaflow_user(environ: Mapping[str, str] | None = None) -> str | None:
+    """The user name Metaflow finds in the environment, None if it finds none."""
+    environ = os.environ if environ is None else environ
+    return next((environ[name] for name in _USER_VARIABLES if environ.get(name) not in (None, "", "root")), None)
+
+
 def run_user(environ: Mapping[str, str] | None = None) -> str | None:
     """The METAFLOW_USER to write when Metaflow would find no user name, else None.
 
     A root shell without $USER (Colab's) makes every run fail with "Unknown user".
     """
-    environ = os.environ if environ is None else environ
-    if any(environ.get(name) not in (None, "", "root") for name in _USER_VARIABLES):
+    if metaflow_user(environ) is not None:
         return None
     try:
         login = pwd.getpwuid(os.getuid()).pw_name

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import api, humanize
-from .clientconfig import ConnectResult
+from .clientconfig import FALLBACK_USER, ConnectResult, metaflow_user
 from .errors import StackError
 from .stack import Event, StackStatus
 
@@ -587,12 +587,11 @@ def connect(connection: str | None = None, *, widgets: bool | None = None, **opt
     return result
 
 
-def ensure_metaflow_user(default: str = "notebook") -> str:
+def ensure_metaflow_user(default: str = FALLBACK_USER) -> str:
     """The user name Metaflow will record; sets METAFLOW_USER to `default` when there is none."""
-    for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER"):
-        value = os.environ.get(name)
-        if value and value != "root":
-            return value
+    found = metaflow_user()
+    if found is not None:
+        return found
     os.environ["METAFLOW_USER"] = default
     return default
 

@@ -92,7 +92,7 @@ class Udocker:
             if line.lstrip().startswith("Error:"):
                 errors.append(line)
             else:
-                progress(line)
+                progress(line.strip().removeprefix("Info: "))
 
         try:
             procs.stream(self.command(*args), on_line, env=self.env, timeout=3600,

@@ -236,8 +236,11 @@ def resolve(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] |
     if values["registry"]:
         values["registry"] = _normalise_registry(values["registry"])
     ports = {name: values[name] for name in ("port", "metadata_port", "ui_port", "db_port")}
-    if len(set(ports.values())) != len(ports):
-        raise ConfigError(f"two services share a port: {ports}", hint="give each service its own port")
+    for port in sorted(set(ports.values())):
+        sharing = [f"{name} ({sources[name]})" for name, value in ports.items() if value == port]
+        if len(sharing) > 1:
+            raise ConfigError(f"port {port} is given to more than one service: {', '.join(sharing)}",
+                              hint="give each service its own port")
     return Settings(**values, sources=sources)
 
 

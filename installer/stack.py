@@ -256,7 +256,7 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         stack: _Stack = holder["stack"]
         saved = saved_in_use(settings)
         if saved:
-            report(Event("settings", _saved_notice(settings, saved)))
+            report(Event("settings", _saved_notice(settings, saved), 0.0))
         if _all_running(settings, stack):
             if settings.wait_ui:
                 _await_ui(stack)
@@ -319,14 +319,19 @@ def _saved_notice(settings: Settings, saved: dict[str, str]) -> str:
     shown = ", ".join(f"{name}={value}" for name, value in saved.items())
     line = f"using settings saved by an earlier `up` ({saved_settings_file(settings)}): {shown}"
     if any(name in IMAGE_SOURCE for name in saved):
-        line += "; so images come from there, not from the defaults"
-    return line + "; `python -m installer config --clear` forgets them (or pass the flag you want)"
+        line += "; images come from there, not from the defaults"
+    return line + "; `python -m installer config --clear` forgets them"
 
 
 def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter) -> str:
     """Stop what this `up` started, newest first; say what that leaves behind."""
     settings = stack.settings
     stopped: list[str] = []
+
+    def say(event: Event) -> None:
+        with contextlib.suppress(Exception):  # the reader may be gone (`up | head`): stop all the same
+            report(event)
+
     if holder.get("tunnel") and tunnel.stop_recorded_tunnel(settings):
         tunnel.state_path(settings).unlink(missing_ok=True)
         stopped.append("tunnel")
@@ -334,9 +339,11 @@ def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter)
     for service in sorted(started, key=lambda s: order.index(s.name), reverse=True):
         pid = _live_pid(settings, service.name)
         if pid is not None:
-            report(Event(service.name, "stopping: this `up` started it"))
+            say(Event(service.name, "stopping"))
+            began = time.monotonic()
             with contextlib.suppress(StackError):
                 _stop(stack, service, pid)
+            say(Event(service.name, "stopped again: this `up` had started it", time.monotonic() - began))
         if _live_pid(settings, service.name) is None:
             _state_file(settings, service.name).unlink(missing_ok=True)
             stopped.append(service.name)
@@ -390,9 +397,9 @@ def _preflight(stack: _Stack) -> str:
         raise only
     if problems:
         raise ChecksFailed(problems)
-    found = f"{len(refs) - len(missing)} of {len(refs)} image(s) present" + (
-        f", {len(missing)} to pull from {settings.registry or 'Docker Hub'}" if missing else "")
-    return f"ports free, folders writable, disk space enough, {found}"
+    images = (f"{len(missing)} image(s) to pull from {settings.registry or 'Docker Hub'}" if missing
+              else "images present")
+    return f"ports free, folders writable, enough disk space, {images}"
 
 
 def _check_image_source(settings: Settings, missing: list[str]) -> None:

@@ -132,7 +132,7 @@ def test_saved_settings_are_announced_and_can_be_cleared(stack: dict) -> None:
     assert done.returncode == 0, done.stderr
     assert f"using settings saved by an earlier `up` ({root}/state/settings.json): " in done.stdout
     assert f"registry={stack['registry']}" in done.stdout and f"service_image={stack['service_image']}" in done.stdout
-    assert "so images come from there, not from the defaults" in done.stdout
+    assert "images come from there, not from the defaults" in done.stdout
     assert "`python -m installer config --clear` forgets them" in done.stdout
     assert "The stack is already running." in done.stdout
 
@@ -211,7 +211,7 @@ def test_down_all_stops_the_registry_the_scripts_started(tmp_path: Path) -> None
         assert plain.returncode == 0, plain.stderr
         assert plain.stdout.splitlines() == [
             "nothing was running",
-            "the local registry (started by scripts/offline_up.sh) keeps running; "
+            f"the local registry http://127.0.0.1:{port} (started by this project's scripts) keeps running; "
             "`python -m installer down --all` stops it too"]
         every = cli("down", "--all", *flags, env=env)
         assert every.returncode == 0, every.stderr
