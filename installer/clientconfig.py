@@ -306,7 +306,7 @@ def _default_root() -> Path:
 def check_stack(base_url: str, *, timeout: float = 10.0) -> dict[str, Any]:
     """GET /healthz: reachable, and answering like this stack's entry point. Returns its JSON."""
     response = _get(f"{base_url}/healthz", timeout=timeout, what=base_url)
-    if response.status_code in (502, 503, 504, 530) and not _json(response):
+    if response.status_code in (502, 503, 504, 530) and not isinstance(_json(response), dict):
         raise StackUnreachable(
             f"{base_url} answered HTTP {response.status_code} from something in front of the stack, "
             "not from the stack itself",
@@ -319,7 +319,9 @@ def check_stack(base_url: str, *, timeout: float = 10.0) -> dict[str, Any]:
                          hint=f"use {better} in the connection string" if better else
                          "use the address exactly as `up` printed it")
     body = _json(response)
-    if response.status_code != 200 or not isinstance(body, dict) or body.get("status") != "ok":
+    # 503 "degraded" is this stack too, with a part down: the checks after this one say which.
+    ours = (response.status_code, body.get("status") if isinstance(body, dict) else None)
+    if ours not in ((200, "ok"), (503, "degraded")):
         what = _describe(response)
         raise NotAStack(f"{base_url} is not a Metaflow stack of this kind: GET /healthz gave {what}",
                         hint="check the address: it is the line `up` printed (tunnel URL or "

@@ -475,10 +475,9 @@ def test_remote_process_connects_and_runs_a_flow_seen_by_the_stack(stack: Simple
     logged = stack.proxy_log.read_text()[len(seen_before):]
     assert '"POST /service/flows/HelloStackFlow' in logged, logged[-3000:]
 
-    stack_env = _clean_env(tmp_path / "stack-home")
-    stack_env.update({"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": f"{stack.url}/service",
-                      "METAFLOW_SERVICE_AUTH_KEY": stack.token})
-    seen = subprocess.run([sys.executable, "-c", STACK_SIDE], env=stack_env, cwd=tmp_path, capture_output=True,
+    # Read back from another folder with only the profile `connect` wrote: records from the stack's
+    # metadata service, data from its object store.
+    seen = subprocess.run([sys.executable, "-c", STACK_SIDE], env=env, cwd=tmp_path, capture_output=True,
                           text=True, check=False, timeout=120)
     assert seen.returncode == 0, seen.stderr
     result = json.loads(seen.stdout.strip().splitlines()[-1])
