@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
@@ -189,17 +189,16 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
     if profile is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
         raise BadConnectionString(f"not a usable profile name: {profile!r}",
                                   hint="use letters, digits, '-', '_' or '.'")
-    health = check_stack(base_url, timeout=timeout)
+    check_stack(base_url, timeout=timeout)
     version = check_service(base_url, token, timeout=timeout)
     store = False
     if datastore != "local":
         store = check_object_store(base_url, token, timeout=timeout)
-        if not store and datastore == "s3" and _advertised(health) is None:
+        if not store and datastore == "s3":
             raise NoObjectStore(f"the stack at {base_url} serves no object store (no {S3_ROUTE}/ route)",
                                 hint="update the stack, or connect with datastore='local' (the UI then "
                                      "shows no logs, artifacts or cards of runs from this machine)")
-    plan = plan_datastore(health if datastore != "local" else {}, base_url, datastore_root,
-                          token=token, object_store=store)
+    plan = plan_datastore(base_url, datastore_root, token=token, object_store=store)
 
     values = {
         "METAFLOW_DEFAULT_METADATA": "service",
@@ -307,7 +306,7 @@ def _default_root() -> Path:
 def check_stack(base_url: str, *, timeout: float = 10.0) -> dict[str, Any]:
     """GET /healthz: reachable, and answering like this stack's entry point. Returns its JSON."""
     response = _get(f"{base_url}/healthz", timeout=timeout, what=base_url)
-    if response.status_code in (502, 503, 504, 530) and not _json(response):
+    if response.status_code in (502, 503, 504, 530) and not isinstance(_json(response), dict):
         raise StackUnreachable(
             f"{base_url} answered HTTP {response.status_code} from something in front of the stack, "
             "not from the stack itself",
@@ -320,7 +319,9 @@ def check_stack(base_url: str, *, timeout: float = 10.0) -> dict[str, Any]:
                          hint=f"use {better} in the connection string" if better else
                          "use the address exactly as `up` printed it")
     body = _json(response)
-    if response.status_code != 200 or not isinstance(body, dict) or body.get("status") != "ok":
+    # 503 "degraded" is this stack too, with a part down: the checks after this one say which.
+    ours = (response.status_code, body.get("status") if isinstance(body, dict) else None)
+    if ours not in ((200, "ok"), (503, "degraded")):
         what = _describe(response)
         raise NotAStack(f"{base_url} is not a Metaflow stack of this kind: GET /healthz gave {what}",
                         hint="check the address: it is the line `up` printed (tunnel URL or "
@@ -480,13 +481,6 @@ def _describe(response: requests.Response) -> str:
 _UI_ALWAYS = ("the list of flows, runs, steps and tasks", "run and task status, timings, tags and the DAG")
 
 
-def _advertised(health: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    found = health.get("datastore") if isinstance(health, Mapping) else None
-    if isinstance(found, Mapping) and found.get("type") == "s3" and found.get("root"):
-        return found
-    return None
-
-
 def s3_settings(endpoint_url: str, root: str, token: str | None) -> dict[str, str]:
     """The METAFLOW_* values for the S3 datastore at `endpoint_url`.
 
@@ -509,25 +503,15 @@ def s3_settings(endpoint_url: str, root: str, token: str | None) -> dict[str, st
     return settings
 
 
-def plan_datastore(health: Mapping[str, Any], base_url: str,
-                   datastore_root: str | Path | None = None, *, token: str | None = None,
+def plan_datastore(base_url: str, datastore_root: str | Path | None = None, *, token: str | None = None,
                    object_store: bool = False) -> DatastorePlan:
     """Which datastore runs from this machine use.
 
     `object_store`: the stack answered a signed request on `<base>/s3` (check_object_store).
-    A stack may also advertise a store in /healthz as
-    {"datastore": {"type": "s3", "root": "s3://<bucket>/<prefix>", "endpoint": "<URL or path>"}}.
     Otherwise runs keep their data on this machine's disk.
     """
-    advertised = _advertised(health)
-    if object_store or advertised is not None:
-        if object_store:
-            endpoint, root = S3_ROUTE, S3_ROOT
-        else:
-            assert advertised is not None
-            endpoint, root = str(advertised.get("endpoint") or S3_ROUTE), str(advertised["root"])
-        settings = s3_settings(urljoin(base_url + "/", endpoint.lstrip("/")) if "://" not in endpoint
-                               else endpoint, root, token)
+    if object_store:
+        settings = s3_settings(f"{base_url}{S3_ROUTE}", S3_ROOT, token)
         return DatastorePlan(
             kind="s3", settings=settings,
             ui_shows=_UI_ALWAYS + ("logs", "artifacts", "cards"), ui_misses=(),

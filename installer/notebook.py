@@ -12,6 +12,7 @@ lines instead (`Panel.lines()`), for the caller to show.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import threading
@@ -212,7 +213,24 @@ class Panel:
         finally:
             self._stop_ticker()
         self.show_status(status)
+        if status.running and not status.ui_ready:
+            self._watch_ui()
         return status
+
+    def _watch_ui(self) -> None:
+        """Refresh the panel once the UI backend, which `up` does not wait for, answers (or gives up)."""
+        def watch() -> None:
+            deadline = time.monotonic() + api.settings(**self.flags).start_timeout
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
+                with contextlib.suppress(StackError):
+                    status = api.status(**self.flags)
+                    if status.ui_ready or not status.running:
+                        self.show_status(status)
+                        return
+            self.refresh()
+
+        threading.Thread(target=watch, name="mfstack-panel-ui-watch", daemon=True).start()
 
     def refresh(self) -> StackStatus | None:
         """Read the stack's status again (services, snapshot) and show it."""
@@ -507,6 +525,8 @@ class _PanelView:
                      "</span></div>")
         healthy = [row for row in status.services if row.state == "running" and row.healthy]
         summary = f"{len(healthy)} of {len(status.services)} services healthy"
+        if status.running and not status.ui_ready:
+            summary += " &middot; the UI is starting (this panel updates when it is ready)"
         if status.schema_version is not None:
             summary += f" &middot; schema version {status.schema_version}"
         parts.append(f"<div class='muted' style='margin-top:6px'>{summary}</div>")

@@ -14,9 +14,18 @@ inside this module, which adds what the stack needs around it:
 - Listening on a unix socket in a 0700 folder (the stack's way): only this user
   reaches the store directly; everyone else comes through the proxy's `/s3/`
   route, which checks the SigV4 signature (installer/s3auth.py) and strips the
-  prefix. LocalBucket itself checks no credentials.
-- Listening on TCP instead (benchmarks, tests) requires --token-file: then the
-  store checks signatures itself, with the same verifier and credentials.
+  prefix. LocalBucket itself checks no credentials, so with --token-file the store
+  checks every signature again (defence in depth: a request that got past the
+  proxy still needs a signature for exactly what it does); --signed-prefix /s3
+  names the path prefix the clients signed and the proxy stripped.
+- Listening on TCP instead (benchmarks, tests) requires --token-file.
+- It cannot be desynchronised: the framing of every request is checked before
+  LocalBucket sees it (one Content-Length of digits or `chunked` alone, never
+  both; no body at all on GET, HEAD, DELETE, OPTIONS), and a declared body that
+  was not read to its end (an operation that ignores its body, an error) closes
+  the connection with `Connection: close`, so no byte of a body is ever parsed as
+  the next request. A key with a NUL byte is refused, and an unexpected error in
+  an operation is an S3 500 that closes the connection, not a dropped socket.
 - Bodies are checked before anything is written: a body shorter than its
   Content-Length (a client or proxy that went away mid-upload) is refused rather
   than stored truncated; a signed `x-amz-content-sha256`, `Content-MD5` and
@@ -48,13 +57,15 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import localbucket
 
 from . import procs
 from .errors import ConfigError, StackError
+from .edge.redact import Redactor, install
 from .s3auth import (
+    ACCESS_KEY_ID,
     INTERNAL_ACCESS_KEY_ID,
     REGION,
     STREAMING_UNSIGNED_TRAILER,
@@ -93,10 +104,17 @@ def socket_path(root: Path) -> Path:
 
 # ---------------------------------------------------------------- wiring for the stack
 
-def objectstore_service_argv(data_dir: Path, socket: Path, python: str = sys.executable) -> tuple[str, ...]:
-    """The command the stack supervises for the object store."""
-    return (python, "-m", "installer.objectstore", "--data", str(data_dir), "--listen", f"unix:{socket}",
-            "--bucket", BUCKET)
+def objectstore_service_argv(data_dir: Path, socket: Path, python: str = sys.executable, *,
+                             token_file: Path | None = None,
+                             internal_secret_file: Path | None = None) -> tuple[str, ...]:
+    """The command the stack supervises for the object store (with a token file: checking signatures too)."""
+    argv = [python, "-m", "installer.objectstore", "--data", str(data_dir), "--listen", f"unix:{socket}",
+            "--bucket", BUCKET]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file), "--signed-prefix", PROXY_PREFIX]
+        if internal_secret_file is not None:
+            argv += ["--internal-secret-file", str(internal_secret_file)]
+    return tuple(argv)
 
 
 def ui_backend_env(proxy_port: int, internal_secret: str, host: str = "127.0.0.1") -> tuple[dict[str, str],
@@ -117,7 +135,10 @@ def ui_backend_env(proxy_port: int, internal_secret: str, host: str = "127.0.0.1
 
 
 def store_answers(path: Path, timeout: float = 2.0) -> bool:
-    """True when a store answers HTTP on the unix socket `path` (a health check for the supervisor)."""
+    """True when a store answers HTTP on the unix socket `path` (a health check for the supervisor).
+
+    Any S3 answer counts: a store that checks signatures refuses this unsigned request with a 403.
+    """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -128,7 +149,8 @@ def store_answers(path: Path, timeout: float = 2.0) -> bool:
             # BrokenPipeError traceback in its log for every probe).
             while sock.recv(65536):
                 pass
-            return answer.split(b" ")[1:2] == [b"200"]
+            # The store checks signatures itself: an unsigned probe is answered 403, which is an answer.
+            return answer.split(b" ")[1:2] in ([b"200"], [b"403"])
     except OSError:
         return False
 
@@ -216,10 +238,55 @@ def check_body(body: bytes, headers: object, trailers: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------- the handler
 
+_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+def framing_problem(method: str, headers: object) -> str | None:
+    """Why a request's body framing cannot be trusted to delimit it, or None."""
+    getall = headers.get_all  # type: ignore[attr-defined]
+    encodings = [v.strip().lower() for v in getall("Transfer-Encoding") or []]
+    lengths = [v.strip() for v in getall("Content-Length") or []]
+    if encodings and lengths:
+        return "a request may not carry both Transfer-Encoding and Content-Length"
+    if encodings and encodings != ["chunked"]:
+        return "the only Transfer-Encoding accepted is chunked"
+    if lengths and (len(set(lengths)) > 1 or not lengths[0].isdigit()):
+        return "Content-Length must be one number"
+    if method in _BODYLESS and (encodings or (lengths and int(lengths[0]) > 0)):
+        return f"a {method} request may not carry a body"
+    return None
+
+
 class _Handler(localbucket.S3Handler):
-    """LocalBucket's handler with complete, verified bodies and (on TCP) signature checks."""
+    """LocalBucket's handler with checked framing, complete verified bodies and signature checks."""
 
     server: _StoreServer  # type: ignore[assignment]
+    _body_pending = False   # a declared body not read yet
+    _closing_sent = False   # "Connection: close" already among the response headers
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        self._closing_sent = False
+        problem = framing_problem(self.command, self.headers)
+        self._body_pending = problem is None and self.command not in _BODYLESS and (
+            "Transfer-Encoding" in self.headers or int(self.headers.get("Content-Length") or 0) > 0)
+        if problem is not None:
+            self.close_connection = True
+            self._send_error(_BodyError("InvalidRequest", problem))
+            return False
+        return True
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection" and value.lower() == "close":
+            self._closing_sent = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        # A body still unread would be parsed as the next request: close after this response instead.
+        if self._body_pending and not self._closing_sent:
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def address_string(self) -> str:
         address = self.client_address
@@ -232,17 +299,37 @@ class _Handler(localbucket.S3Handler):
         log.warning("%s", format % args)
 
     def _dispatch(self, action: Callable[[str, str], None]) -> None:
+        path, _, query = self.path.partition("?")
         lookup = self.server.lookup
         if lookup is not None:
-            path, _, query = self.path.partition("?")
-            try:
-                verify(self.command, path, query, self.headers, lookup)
-            except S3AuthError as exc:
-                self._send_error(localbucket.S3Error(HTTPStatus(exc.status), exc.code, exc.message))
+            prefix = self.server.signed_prefix
+            # The proxy turns "/s3" into "/": a client may have signed either form.
+            signed_as = [prefix + path] + ([prefix] if prefix and path == "/" else [])
+            refusal: S3AuthError | None = None
+            for candidate in signed_as:
+                try:
+                    verify(self.command, candidate, query, self.headers, lookup)
+                    refusal = None
+                    break
+                except S3AuthError as exc:
+                    refusal = refusal or exc
+            if refusal is not None:
+                self._send_error(localbucket.S3Error(HTTPStatus(refusal.status), refusal.code, refusal.message))
                 return
-        super()._dispatch(action)
+        if "\x00" in unquote(path):
+            self._send_error(_BodyError("InvalidArgument", "an object key may not hold a NUL byte"))
+            return
+        try:
+            super()._dispatch(action)
+        except ConnectionError:
+            self.close_connection = True  # the client went away; nobody to answer
+        except (OSError, ValueError) as exc:
+            log.warning("%s %s failed: %s", self.command, urlsplit(self.path).path, exc.__class__.__name__)
+            self._send_error(localbucket.S3Error(HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError",
+                                                 "the store could not complete this request"))
 
     def _read_body(self) -> bytes:
+        self._body_pending = False  # read now, or the request fails and the connection closes
         limit = self.server.max_body
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raw, _ = _decode_chunks(self.rfile, limit)
@@ -275,6 +362,7 @@ class _StoreServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
     daemon_threads = True
     lookup: Callable[[str], str | None] | None = None
     max_body: int = DEFAULT_MAX_BODY
+    signed_prefix: str = ""
 
 
 class _UnixServer(_StoreServer, socketserver.UnixStreamServer):
@@ -295,6 +383,7 @@ class StoreConfig:
     token_file: Path | None = None           # check signatures in the store (required on TCP)
     internal_secret_file: Path | None = None
     max_body: int = DEFAULT_MAX_BODY
+    signed_prefix: str = ""                  # the path prefix clients signed and the proxy stripped
 
 
 def _private_socket_dir(folder: Path) -> None:
@@ -368,12 +457,18 @@ def build_server(config: StoreConfig) -> _StoreServer:
         lookup = CredentialSource(config.token_file, config.internal_secret_file)
     server.lookup = lookup
     server.max_body = config.max_body
+    server.signed_prefix = config.signed_prefix.rstrip("/")
     return server
 
 
 def serve(config: StoreConfig) -> None:
     """Run the store until SIGTERM or SIGINT."""
     server = build_server(config)
+    if server.lookup is not None:
+        lookup = server.lookup
+        install(Redactor(lambda: [s for s in (lookup(ACCESS_KEY_ID), lookup(INTERNAL_ACCESS_KEY_ID)) if s]))
+    else:
+        install(Redactor())
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -405,6 +500,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", type=Path, help="check signatures made with the token's credentials")
     parser.add_argument("--internal-secret-file", type=Path, help="also accept the stack-internal credentials")
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest single request body")
+    parser.add_argument("--signed-prefix", default="",
+                        help="path prefix the clients signed and the proxy strips (the stack's: /s3)")
     return parser
 
 
@@ -412,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: returns the exit status."""
     args = _parser().parse_args(argv)
     config = StoreConfig(args.data, args.listen, args.bucket or None, args.token_file, args.internal_secret_file,
-                         args.max_body)
+                         args.max_body, args.signed_prefix)
     return procs.service_main(lambda: serve(config), quiet=["localbucket"])
 
 

@@ -40,6 +40,8 @@ class Printer:
         self.line(f"stack at {status.root}")
         for row in status.services:
             health = self._paint("healthy", "32") if row.healthy else self._paint("unhealthy", "31")
+            if row.starting:
+                health = self._paint("starting", "33")
             if row.state != "running":
                 health = self._paint(row.state, "33" if row.state == "stopped" else "31")
             uptime = f"up {humanize.duration(row.uptime)}" if row.uptime is not None else ""
@@ -49,11 +51,7 @@ class Printer:
         if status.schema_version is not None:
             self.line(f"  schema version {status.schema_version}")
         if status.image_metaflow_version:
-            line = f"  service image carries metaflow {status.image_metaflow_version}"
-            if status.image_metaflow_version.startswith("2.19"):
-                line += (" (with 2.19 the UI backend was seen to cache a failed artifact read after a log view: "
-                         "prefer an image built with metaflow 2.18)")
-            self.line(line)
+            self.line(f"  service image carries metaflow {status.image_metaflow_version} (the UI backend reads runs with it)")
         if status.restored:
             self.line(self._paint(status.restored, "1"))
         if status.snapshot is not None:
@@ -62,7 +60,9 @@ class Printer:
             self.line(self._paint("  snapshots: OFF (local-only mode: the database dies with this machine)", "33"))
         if status.running:
             self.line("")
-            self.line(f"UI:               {status.urls['ui']}")
+            ui_note = "" if status.ui_ready else self._paint(
+                "  (starting: ready in a few seconds; the page reloads until then; flows are tracked already)", "33")
+            self.line(f"UI:               {status.urls['ui']}{ui_note}")
             self.line(f"metadata service: {status.urls['metadata_service']}")
 
     def restore(self, report: Any) -> None:

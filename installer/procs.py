@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .errors import StackError
 
@@ -96,6 +97,14 @@ def stream(cmd: Sequence[str], on_line: Callable[[str], None], *, env: Mapping[s
     return "\n".join(lines)
 
 
+def open_private(path: Path, mode: str = "w") -> IO:
+    """Open `path` for writing ("w", "a", "ab", ...), created 0600 and tightened to 0600 if it existed."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode, buffering=0) if "b" in mode else os.fdopen(fd, mode)
+
+
 def spawn(cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None,
           cwd: Path | None = None, inherit_env: bool = True) -> int:
     """Start a long-lived process in its own session, output appended to `log_path`.
@@ -105,7 +114,7 @@ def spawn(cmd: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None =
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**(os.environ if inherit_env else {}), **(env or {})}
     log.debug("spawn: %s", " ".join(cmd))
-    with open(log_path, "ab", buffering=0) as out:
+    with open_private(log_path, "ab") as out:
         shown = " ".join(cmd)
         shown = shown if len(shown) <= 300 else shown[:300] + " ..."
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())

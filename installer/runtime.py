@@ -68,16 +68,22 @@ class Udocker:
 
     def has_image(self, ref: str) -> bool:
         out = self.run("images", what="udocker images", check=False)
-        wanted = _repo_tag(ref)
+        wanted = image_spec(ref).local_name
         return any(line.split()[0] == wanted for line in out.splitlines()[1:] if line.split())
 
     def pull(self, ref: str, registry: str | None, progress: Progress) -> bool:
-        """Pull `ref` unless present; True if it was pulled now."""
+        """Pull `ref` unless present; True if it was pulled now.
+
+        `registry` (the --registry setting) is a mirror: it serves the reference's path whatever
+        registry the reference itself names.
+        """
         if self.has_image(ref):
             return False
+        spec = image_spec(ref)
+        registry = registry or spec.registry
         if registry:
             check_registry(registry)
-        args = ["pull"] + ([f"--registry={registry}"] if registry else []) + [ref]
+        args = ["pull"] + ([f"--registry={registry}"] if registry else []) + [spec.local_name]
         source = registry or "Docker Hub"
         errors: list[str] = []
 
@@ -120,7 +126,7 @@ class Udocker:
             self.run("rm", "-f", name, what=f"removing the incomplete container {name}", check=False)
             shutil.rmtree(self.container_dir(name), ignore_errors=True)
         progress(f"creating container {name} from {ref}")
-        self.run("create", f"--name={name}", ref, what=f"creating container {name}",
+        self.run("create", f"--name={name}", image_spec(ref).local_name, what=f"creating container {name}",
                  hint="check free disk space under UDOCKER_DIR")
         self.run("setup", f"--execmode={EXECUTION_MODE}", name, what=f"configuring container {name}")
         (self.container_dir(name) / _READY_MARK).write_text(ref + "\n")
@@ -236,6 +242,44 @@ def check_registry(registry: str) -> None:
                          hint="check --registry")
 
 
+_DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image reference as udocker stores and pulls it."""
+
+    local_name: str  # `repository:tag`, as `udocker images` lists it and as it is pulled
+    registry: str | None  # the registry the reference names (None: Docker Hub)
+
+
+def image_spec(ref: str) -> ImageSpec:
+    """How udocker knows `ref`: every spelling of one Docker Hub image gets one local name.
+
+    udocker keeps an image under the name it was pulled by (`postgres:15`, never
+    `library/postgres:15`; it adds `library/` only on the remote path), and it cannot parse a
+    registry host with a port (`host:5000/team/img` splits at the first colon). So a registry
+    host is moved out of the name into --registry, Docker Hub's own names are dropped, and
+    a missing tag is `latest`.
+    """
+    name, tag = ref, "latest"
+    last = ref.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = ref[:len(ref) - len(last)] + last.split(":", 1)[0], last.split(":", 1)[1]
+    parts = name.split("/")
+    registry = None
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        host = parts.pop(0)
+        if host not in _DOCKER_HUB_HOSTS:
+            registry = f"https://{host}"
+    if not parts or not all(parts) or not tag:
+        raise ImageError(f"not an image reference: {ref!r}",
+                         hint="use name:tag, team/name:tag or registry.example/team/name:tag")
+    if registry is None and len(parts) == 2 and parts[0] == "library":
+        parts.pop(0)
+    return ImageSpec(f"{'/'.join(parts)}:{tag}", registry)
+
+
 DOCKER_HUB_REGISTRY = "https://registry-1.docker.io"
 _MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
@@ -254,7 +298,7 @@ def check_docker_hub(timeout: float = 5.0) -> None:
 
 def check_image_in_registry(registry: str, ref: str, timeout: float = 5.0) -> None:
     """Fail when `registry` answers that it has no image `ref`; an answer that needs a login passes."""
-    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
+    name, tag = image_spec(ref).local_name.rsplit(":", 1)
     # udocker asks a registry for one-part names under library/, as Docker Hub stores them.
     remote = name if "/" in name else f"library/{name}"
     try:
@@ -288,13 +332,6 @@ def _reason(exc: requests.RequestException) -> str:
 _OFFLINE_HINT = ("without internet, run `bash scripts/offline_up.sh` (it builds the images and serves them "
                  "from a local registry), or pull from a registry you can reach with --registry URL "
                  "(MF_REGISTRY)")
-
-
-def _repo_tag(ref: str) -> str:
-    name, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "latest")
-    if "/" not in name:
-        name = f"library/{name}"
-    return f"{name}:{tag}"
 
 
 def _pull_hint(ref: str, registry: str | None) -> str:

@@ -24,6 +24,9 @@ DB_NAME = "metaflow"
 DB_USER = "postgres"
 SERVICE_PYTHON = "/opt/latest/bin/python3"
 UI_BUNDLE_IN_IMAGE = "root/services/ui_backend_service/ui"
+# Our sitecustomize for the UI backend's Pythons (see installer/ui_backend_site), mounted read-only.
+UI_BACKEND_SITE = Path(__file__).resolve().parent / "ui_backend_site"
+UI_BACKEND_SITE_IN_GUEST = "/opt/mfstack-ui-backend-site"
 
 # PostgreSQL settings: loopback only, WAL kept usable for base backups (snapshots),
 # and sized for a small notebook VM.
@@ -89,6 +92,8 @@ class Service:
     secret_files: Mapping[Path, str] = field(default_factory=dict)  # written 0600 before start, never in argv
     host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
     depends_on: tuple[str, ...] = ()
+    # False: `up` starts it and goes on; it becomes healthy on its own (the monitor restarts it if it dies).
+    awaited: bool = True
     on_ready: Callable[[Progress], str | None] | None = None
     before_stop: Callable[[Progress], str | None] | None = None
 
@@ -246,15 +251,19 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                  "PATH_PREFIX": "/api", "UI_ENABLED": "0",
                  "METAFLOW_CLIENT_CACHE_PATH": f"{ui_cache}/metaflow_client",
                  "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
-                 "PYTHONPATH": "/root", **s3_plain,
+                 "PYTHONPATH": f"{UI_BACKEND_SITE_IN_GUEST}:/root", **s3_plain,
                  # Runs made with the local datastore stay readable at the path they recorded.
                  "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=ui_env_file,
-            volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache))])),
+            volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache)),
+                     (UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST)])),
         secret_files={ui_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password, **s3_secret})},
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
         depends_on=("postgres",),
+        # Flows need only PostgreSQL, the metadata service, the object store and the entry point: `up`
+        # returns once those answer, and the entry point shows a "UI starting" page until this one does.
+        awaited=settings.wait_ui,
     )
     proxy_argv = [sys.executable, "-m", "installer.proxy",
                   "--listen-host", settings.bind, "--listen-port", str(settings.port),
@@ -265,6 +274,8 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                   "--s3-socket", str(s3_socket), "--s3-internal-secret-file", str(secrets.s3_internal_file)]
     if settings.no_auth:
         proxy_argv.append("--no-auth")
+    if settings.tunnel:
+        proxy_argv.append("--behind-tunnel")  # cloudflared connects from loopback; see installer/edge/access.py
     proxy = Service(
         name="proxy",
         title="entry point (reverse proxy)",
@@ -272,13 +283,16 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(proxy_argv),
         health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
         stop=StopPolicy.HOST_TERM,
-        depends_on=("metadata", "ui-backend", "objectstore"),
+        depends_on=("metadata", "objectstore"),
     )
     objectstore = Service(
         name="objectstore",
         title="object store (S3)",
         port=0,
-        argv=objectstore_service_argv(settings.objects_dir, s3_socket),
+        argv=objectstore_service_argv(
+            settings.objects_dir, s3_socket,
+            token_file=None if settings.no_auth else secrets.token_file,
+            internal_secret_file=None if settings.no_auth else secrets.s3_internal_file),
         host_dirs=(settings.objects_dir,),
         health=Health("unix-http", str(s3_socket)),
         stop=StopPolicy.HOST_TERM,

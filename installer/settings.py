@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .procs import open_private
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -114,6 +115,8 @@ SETTINGS: tuple[Setting, ...] = (
             _path),
     Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
             lambda s: 120.0, _seconds),
+    Setting("wait_ui", "MF_WAIT_UI", "`up` returns once the UI is ready too (default: once flows can be tracked)",
+            lambda s: False, _flag),
     Setting("tunnel", "MF_TUNNEL", "publish the entry point through a Cloudflare quick tunnel",
             lambda s: False, _flag),
     Setting("cloudflared", "MF_CLOUDFLARED", "an existing cloudflared binary (default: download the pinned release)",
@@ -121,7 +124,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 SAVED_FILE = "settings.json"
 # Settings `up` remembers under MF_ROOT, so that later commands talk to the same stack.
-_NOT_SAVED = {"root", "token"}
+_NOT_SAVED = {"root", "token", "wait_ui"}
 SAVED = "saved by `up`"
 # Where images come from: a saved value here is announced by every `up` that uses it.
 IMAGE_SOURCE = ("registry", "postgres_image", "service_image")
@@ -149,6 +152,7 @@ class Settings:
     snapshot_keep: int
     cache_dir: Path
     start_timeout: float
+    wait_ui: bool
     tunnel: bool
     cloudflared: str | None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -285,5 +289,6 @@ def save(settings: Settings) -> None:
     target = saved_settings_file(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(chosen, indent=2, sort_keys=True))
+    with open_private(tmp) as handle:
+        handle.write(json.dumps(chosen, indent=2, sort_keys=True))
     tmp.replace(target)

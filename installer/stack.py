@@ -62,6 +62,8 @@ class ServiceStatus:
     healthy: bool
     uptime: float | None
     log: str
+    # Alive, not answering yet, and still within its start-up time (the UI backend after `up` returned).
+    starting: bool = False
 
 
 @dataclass
@@ -82,10 +84,16 @@ class StackStatus:
 
     @property
     def running(self) -> bool:
-        return bool(self.services) and all(s.state == "running" and s.healthy for s in self.services)
+        """Every service runs and answers, or is still starting on its own."""
+        return bool(self.services) and all(s.state == "running" and (s.healthy or s.starting)
+                                           for s in self.services)
+
+    @property
+    def ui_ready(self) -> bool:
+        return any(s.name == "ui-backend" and s.healthy for s in self.services)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "running": self.running}
+        return {**asdict(self), "running": self.running, "ui_ready": self.ui_ready}
 
 
 # --- context -------------------------------------------------------------------
@@ -142,7 +150,7 @@ def _ensure_database(settings: Settings, password: str) -> None:
 def _lock(settings: Settings, verb: str) -> Iterator[None]:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     path = settings.state_dir / "stack.lock"
-    with open(path, "a+") as handle:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,7 +188,8 @@ def _record(settings: Settings, service: Service, pid: int) -> None:
     data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None,
             "boot_id": procs.boot_id()}
     tmp = _state_file(settings, service.name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
+    with procs.open_private(tmp) as handle:
+        handle.write(json.dumps(data))
     tmp.replace(_state_file(settings, service.name))
 
 
@@ -249,6 +258,8 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         if saved:
             report(Event("settings", _saved_notice(settings, saved), 0.0))
         if _all_running(settings, stack):
+            if settings.wait_ui:
+                _await_ui(stack)
             status = _status(settings, stack)
             status.already_running = True
             return status
@@ -541,6 +552,8 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
     """Start `service` unless it runs healthy; `started` collects what was started here."""
     settings = stack.settings
     pid = _live_pid(settings, service.name)
+    if pid is not None and not healthy(service.health) and _within_start_up(settings, service):
+        return "already starting"
     if pid is not None and healthy(service.health):
         detail = "already running"
     else:
@@ -554,6 +567,8 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         _record(settings, service, pid)
         if started is not None:
             started.append(service)
+        if not service.awaited:
+            return f"starting on port {service.port} (pid {pid}); `status` says when it is ready"
         _wait_healthy(settings, service, pid, log_path)
         detail = f"healthy on port {service.port} (pid {pid})" if service.port else f"running (pid {pid})"
     if service.on_ready:
@@ -611,6 +626,21 @@ def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path
                         log=log_path, log_tail=procs.tail(log_path),
                         hint=f"read {log_path} (`python -m installer logs {service.name}`); on a slow "
                              f"machine a longer {_flag_of('start_timeout')} may help")
+
+
+def _within_start_up(settings: Settings, service: Service) -> bool:
+    """A service `up` does not wait for, started less than its start-up time ago."""
+    data = _recorded(settings, service.name)
+    return (not service.awaited and data is not None
+            and time.time() - data.get("started", 0) < settings.start_timeout)
+
+
+def _await_ui(stack: _Stack) -> None:
+    """For `up --wait-ui` on a stack whose UI backend is still starting."""
+    for service in stack.services:
+        pid = _live_pid(stack.settings, service.name)
+        if service.name == "ui-backend" and pid is not None:
+            _wait_healthy(stack.settings, service, pid, stack.settings.log_path(service.name))
 
 
 def _all_running(settings: Settings, stack: _Stack) -> bool:
@@ -736,9 +766,10 @@ def _status(settings: Settings, stack: _Stack) -> StackStatus:
             state = "stopped"
         is_healthy = pid is not None and healthy(service.health, timeout=2.0)
         uptime = time.time() - data["started"] if pid is not None and data else None
+        starting = not is_healthy and pid is not None and _within_start_up(settings, service)
         rows.append(ServiceStatus(service.name, service.title, state, pid, service.port, is_healthy,
                                   None if uptime is None else round(uptime, 1),
-                                  str(settings.log_path(service.name))))
+                                  str(settings.log_path(service.name)), starting))
     version = None
     if rows and rows[0].healthy:
         with contextlib.suppress(psycopg.Error):

@@ -91,7 +91,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as folder:
         work = Path(folder)
-        stack = start_s3_stack(work, metadata=False)
+        stack = start_s3_stack(work)
         port = free_port()
         direct_store = start_store(work, stack.store.data_dir, listen=f"127.0.0.1:{port}",
                                    token_file=stack.proxy.token_file)

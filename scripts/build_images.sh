@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Build the offline images and push them to the local registry.
+# Build the stack's images and push them to the local registry under their PRODUCTION names
+# (images/production.json), so the stack runs offline exactly as users run it, with only
+# --registry pointing at 127.0.0.1:
+#
+#   postgres   images/postgres15         PostgreSQL 15 from Debian, laid out like the official image
+#   service    images/metaflow-service   the Metaflow service, built from upstream's release archives
 #
 #   1. installs buildah, docker-registry, debootstrap, skopeo, curl if missing
 #   2. starts the local registry (scripts/local_registry.sh start)
 #   3. makes the base image mfstack/debian:bookworm from a debootstrap minbase
 #      rootfs (kept as a tarball in the cache)
-#   4. builds images/postgres15 and images/service-standin and pushes them as
-#      127.0.0.1:$PORT/mfstack/postgres:15 and
-#      127.0.0.1:$PORT/mfstack/metaflow-service-standin:test
+#   4. fetches and verifies the upstream archives (scripts/upstream_sources.py)
+#   5. builds each image and pushes it; a one-part name such as postgres:15.10-bookworm goes to
+#      library/postgres:15.10-bookworm, where Docker Hub keeps it and where udocker looks
 #
-# An image is rebuilt only when the hash of its folder (Containerfile and
+# An image is rebuilt only when the hash of its folder (Containerfile, pins and
 # sources) differs from the label org.mfstack.source-hash of the image already
 # in the registry, so a second run on the same machine takes seconds.
 #
 # Run as root, non-interactive. Environment:
+#   MFSTACK_UPSTREAM_DIR    folder holding the upstream archives (a local mirror); default:
+#                           ../shared/upstream beside the checkout when it holds them, else
+#                           download them from the release URLs in images/metaflow-service/upstream.json
 #   MFSTACK_CACHE           cache root (default /var/cache/mfstack): rootfs
 #                           tarball, buildah storage, registry storage
 #   MFSTACK_REGISTRY_PORT   local registry port (default 5000)
@@ -37,13 +45,21 @@ BASE_KEY="debian-$SUITE-minbase-1"
 ROOTFS_TAR="$CACHE/rootfs/debian-$SUITE-minbase.tar"
 HASH_LABEL="org.mfstack.source-hash"
 # Bump when a change of this script changes what goes into the images.
-RECIPE=2
+RECIPE=3
 
-# name | folder under images/ | reference in the registry
+production_ref() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+    "$ROOT/images/production.json" "$1"; }
+# name | folder under images/ | reference (the production name)
 IMAGES=(
-    "postgres|postgres15|mfstack/postgres:15"
-    "service|service-standin|mfstack/metaflow-service-standin:test"
+    "postgres|postgres15|$(production_ref postgres)"
+    "service|metaflow-service|$(production_ref service)"
 )
+
+# Where a reference lives in a registry: one-part names under library/, as on Docker Hub.
+registry_path() {
+    local name="${1%%:*}"
+    [[ $name == */* ]] && echo "$1" || echo "library/$1"
+}
 
 T0="${EPOCHREALTIME/,/.}"
 CURRENT_STEP="start"
@@ -243,19 +259,47 @@ fi
 PULL_NEVER=--pull=never
 buildah bud --help 2>/dev/null | grep -q -- '--pull string' || PULL_NEVER=--pull-never
 
+# --- upstream archives ------------------------------------------------------
+
+UPSTREAM_DIR="${MFSTACK_UPSTREAM_DIR:-}"
+if [[ -z $UPSTREAM_DIR && -f "$ROOT/../shared/upstream/SHA256SUMS" ]]; then
+    UPSTREAM_DIR="$(cd "$ROOT/../shared/upstream" && pwd)"
+fi
+UPSTREAM_STAGE="$CACHE/upstream"
+step "upstream archives (${UPSTREAM_DIR:-download from the release URLs})"
+mirror_args=()
+[[ -n $UPSTREAM_DIR ]] && mirror_args=(--mirror "$UPSTREAM_DIR")
+python3 "$HERE/upstream_sources.py" "$UPSTREAM_STAGE" "${mirror_args[@]}" | while read -r line; do info "$line"; done
+
+# The folder buildah builds from: the image's own folder, plus the verified upstream archives
+# for the service image (they are build inputs, never part of the repository).
+build_context() {
+    local folder="$1" ctx="$CACHE/context/$1"
+    rm -rf "$ctx"
+    mkdir -p "$ctx"
+    cp -r "$ROOT/images/$folder/." "$ctx/"
+    if [[ $folder == metaflow-service ]]; then
+        mkdir -p "$ctx/upstream"
+        cp "$UPSTREAM_STAGE"/*.tar.gz "$UPSTREAM_STAGE"/*.zip "$ctx/upstream/"
+    fi
+    echo "$ctx"
+}
+
 pushed=()
 for entry in "${IMAGES[@]}"; do
     IFS='|' read -r name folder ref <<<"$entry"
     dir="$ROOT/images/$folder"
     [[ -f "$dir/Containerfile" ]] || die "missing $dir/Containerfile"
+    # The folder's pins name the upstream archives by checksum, so its hash covers them too.
     hash="$(source_hash "$dir")"
+    remote_ref="$(registry_path "$ref")"
     step "image $name: $ref (source hash $hash)"
-    if [[ "${MFSTACK_REBUILD:-0}" != 1 && "$(remote_hash "$ref")" == "$hash" ]]; then
+    if [[ "${MFSTACK_REBUILD:-0}" != 1 && "$(remote_hash "$remote_ref")" == "$hash" ]]; then
         info "up to date in $REGISTRY, skipped"
         continue
     fi
     local_hash="$(bah inspect --type image --format "{{index .Docker.Config.Labels \"$HASH_LABEL\"}}" \
-        "localhost/$ref" 2>/dev/null || true)"
+        "localhost/$remote_ref" 2>/dev/null || true)"
     if [[ "${MFSTACK_REBUILD:-0}" != 1 && "$local_hash" == "$hash" ]]; then
         info "already built in buildah storage"
     else
@@ -263,7 +307,7 @@ for entry in "${IMAGES[@]}"; do
             --signature-policy "$POLICY"
             --build-arg "BASE_IMAGE=localhost/$BASE_REF"
             --label "$HASH_LABEL=$hash"
-            -f "$dir/Containerfile" -t "localhost/$ref")
+            -f "$dir/Containerfile" -t "localhost/$remote_ref")
         # Only builds that use it get the host CA bundle (the mount point stays
         # behind in the image as an empty file).
         if [[ -n $CA_BUNDLE && -s $CA_BUNDLE ]] && grep -q /run/host-ca.crt "$dir/Containerfile"; then
@@ -272,16 +316,17 @@ for entry in "${IMAGES[@]}"; do
         [[ -n ${MFSTACK_PIP_INDEX_URL:-} ]] && args+=(--build-arg "PIP_INDEX_URL=$MFSTACK_PIP_INDEX_URL")
         log="$CACHE/build-$name.log"
         info "buildah bud (log: $log)"
-        if ! bah bud "${args[@]}" "$dir" >"$log" 2>&1; then
+        ctx="$(build_context "$folder")"
+        if ! bah bud "${args[@]}" "$ctx" >"$log" 2>&1; then
             tail -n 30 "$log" >&2
             die "build of $ref failed (log: $log)"
         fi
     fi
-    info "pushing to $REGISTRY/$ref"
+    info "pushing to $REGISTRY/$remote_ref"
     bah push --quiet --tls-verify=false --format v2s2 --signature-policy "$POLICY" \
-        "localhost/$ref" "docker://$REGISTRY/$ref" >/dev/null \
+        "localhost/$remote_ref" "docker://$REGISTRY/$remote_ref" >/dev/null \
         || die "push of $ref to $REGISTRY failed"
-    [[ "$(remote_hash "$ref")" == "$hash" ]] || die "$REGISTRY/$ref does not carry the expected $HASH_LABEL after push"
+    [[ "$(remote_hash "$remote_ref")" == "$hash" ]] || die "$REGISTRY/$remote_ref does not carry the expected $HASH_LABEL after push"
     pushed+=("$ref")
 done
 
@@ -293,5 +338,5 @@ fi
 step "done: ${#pushed[@]} image(s) pushed; registry $REGISTRY holds:"
 for entry in "${IMAGES[@]}"; do
     IFS='|' read -r _ _ ref <<<"$entry"
-    info "$REGISTRY/$ref"
+    info "$REGISTRY/$(registry_path "$ref")  (pull with: --registry http://$REGISTRY, image $ref)"
 done

@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Bring the stack up on a machine without Docker Hub: build the project's images, serve them
-# from a local registry on 127.0.0.1, and run `up` against it.
-#
-# NOTE: offline, the Metaflow service image (netflixoss/metaflow_metadata_service) cannot be
-# fetched. A TEST image built from images/service-standin plays its part, with the same
-# contract (commands, ports, paths, environment). PostgreSQL 15 is real. Arguments go to `up`.
+# Bring the stack up on a machine without Docker Hub: build the production images from the
+# upstream release archives (a local mirror folder, see scripts/build_images.sh), serve them
+# under their production names from a local registry on 127.0.0.1, and run `up` against it.
+# Only --registry differs from what `up` does with internet. Arguments go to `up`.
 set -Eeuo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -16,11 +14,7 @@ else
     "$HERE/setup_host.sh"
 fi
 echo
-echo "NOTE: using the TEST image mfstack/metaflow-service-standin:test in place of the Metaflow service image."
 echo "The local registry on 127.0.0.1:$PORT keeps running after \`down\`; \`python -m installer down --all\` stops it too."
 echo
 cd "$ROOT"
-exec "${MFSTACK_VENV:-$ROOT/.venv}/bin/python" -m installer up \
-    --registry "http://127.0.0.1:$PORT" \
-    --postgres-image mfstack/postgres:15 \
-    --service-image mfstack/metaflow-service-standin:test "$@"
+exec "${MFSTACK_VENV:-$ROOT/.venv}/bin/python" -m installer up --registry "http://127.0.0.1:$PORT" "$@"

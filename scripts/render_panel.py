@@ -2,8 +2,7 @@
 """Screenshot of the service notebook's panel, as a browser shows it (docs/panel.png).
 
 Runs notebooks/metaflow_service.ipynb in a real kernel against the offline stack
-(the local registry of scripts/build_images.sh; the service image there is the
-project's test stand-in), keeps the widget state, exports the panel's cell to
+(the production images from the local registry of scripts/build_images.sh), keeps the widget state, exports the panel's cell to
 HTML with nbconvert, opens it in headless Chromium and captures the panel. The
 widget renderer (@jupyter-widgets/html-manager) and require.js come from npm into
 a local cache, so no CDN is needed. The stack is stopped afterwards.
@@ -16,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import shutil
 import socket
@@ -70,7 +68,6 @@ def renderer_files() -> tuple[Path, Path]:
 
 
 def run_service_notebook(work: Path, registry: str, pgdata: str = "pgdata") -> nbformat.NotebookNode:
-    images = json.loads((REPO / "images" / "test.json").read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MF_", "METAFLOW_"))}
     env.update({
         "HOME": str(work / "home"),
@@ -78,8 +75,6 @@ def run_service_notebook(work: Path, registry: str, pgdata: str = "pgdata") -> n
         "MF_ROOT": str(work / "metaflow-stack"),
         "PGDATA_DIR": str(work / pgdata),
         "MF_REGISTRY": registry,
-        "MF_POSTGRES_IMAGE": images["postgres"],
-        "MF_SERVICE_IMAGE": images["service"],
         "UDOCKER_DIR": os.environ.get("UDOCKER_DIR", "/var/tmp/mfstack-test-udocker"),
         "MF_PORT": str(port_or_free(7860)),
         "MF_METADATA_PORT": str(port_or_free(8080)),

@@ -23,7 +23,8 @@ PACKAGES=(proot buildah docker-registry skopeo debootstrap umoci curl postgresql
 setup_key() {
     {
         echo "$ROOT|$VENV|${PACKAGES[*]}"
-        cat "$ROOT/pyproject.toml" "$HERE/setup_host.sh" "$HERE/build_images.sh" "$HERE/local_registry.sh"
+        cat "$ROOT/pyproject.toml" "$HERE/setup_host.sh" "$HERE/build_images.sh" "$HERE/local_registry.sh" \
+            "$HERE/upstream_sources.py"
         find "$ROOT/images" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
     } | sha256sum | cut -d' ' -f1
 }

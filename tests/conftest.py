@@ -1,9 +1,9 @@
 """Shared fixtures: a clean environment for every test, the local registry, a stack on free ports.
 
-The offline stack uses images built from images/ and served by a real registry
-on 127.0.0.1 (scripts/build_images.sh). The service image there is a TEST
-image that plays the part of netflixoss/metaflow_metadata_service with the same
-contract (commands, ports, paths, environment); see images/service-standin/.
+The stack runs exactly as users run it: the images are the production ones named in
+images/production.json (the Metaflow service built from upstream's release archives,
+PostgreSQL 15), served under those names by a real registry on 127.0.0.1
+(scripts/build_images.sh). Only `registry` differs from the defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000")
-TEST_IMAGES = json.loads((REPO / "images" / "test.json").read_text())
+PRODUCTION_IMAGES = json.loads((REPO / "images" / "production.json").read_text())
+# The verified upstream archives scripts/build_images.sh staged for the service image.
+UPSTREAM_STAGE = Path(os.environ.get("MFSTACK_CACHE", "/var/cache/mfstack")) / "upstream"
 # Pulled images are shared between tests (pulling is tested once, on an empty folder).
 SHARED_UDOCKER_DIR = Path(os.environ.get("MFSTACK_TEST_UDOCKER_DIR", "/var/tmp/mfstack-test-udocker"))
 
@@ -51,11 +53,20 @@ def registry() -> str:
     except (requests.RequestException, ValueError) as exc:
         pytest.fail(f"the local registry {REGISTRY} is not answering ({exc}); "
                     "run scripts/build_images.sh (scripts/test.sh does it for you)")
-    for ref in TEST_IMAGES.values():
+    for ref in PRODUCTION_IMAGES.values():
         name = ref.split(":")[0]
+        name = name if "/" in name else f"library/{name}"
         if name not in catalog.get("repositories", []):
             pytest.fail(f"{ref} is not in the local registry; run scripts/build_images.sh")
     return REGISTRY
+
+
+def upstream_archive() -> Path:
+    """The metaflow-service release archive the service image was built from; fails loudly when missing."""
+    path = UPSTREAM_STAGE / "metaflow-service-v2.5.1.tar.gz"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing; run scripts/build_images.sh (scripts/test.sh does it for you)")
+    return path
 
 
 def stack_flags(root: Path, registry: str, udocker_dir: Path = SHARED_UDOCKER_DIR) -> dict:
@@ -63,14 +74,25 @@ def stack_flags(root: Path, registry: str, udocker_dir: Path = SHARED_UDOCKER_DI
         "root": str(root),
         "udocker_dir": str(udocker_dir),
         "registry": registry,
-        "postgres_image": TEST_IMAGES["postgres"],
-        "service_image": TEST_IMAGES["service"],
         "port": str(free_port()),
         "metadata_port": str(free_port()),
         "ui_port": str(free_port()),
         "db_port": str(free_port()),
         "start_timeout": "90",
     }
+
+
+@pytest.fixture(scope="session")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator[dict]:
+    """One stack for the tests that only read from it, or leave it running as they found it."""
+    import installer
+
+    flags = stack_flags(tmp_path_factory.mktemp("shared-stack") / "root", registry)
+    status = installer.up(wait_ui=True, **flags)
+    if not status.running:
+        pytest.fail(f"the shared stack did not start: {status}")
+    yield flags
+    installer.down(**flags)
 
 
 @pytest.fixture

@@ -55,3 +55,17 @@ def read_latest_run(flow: str, env: dict[str, str], artifact: str) -> dict:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"reading the run back failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def remote_env(home: Path) -> dict[str, str]:
+    """A shell on another machine: nothing of this one's Metaflow or stack settings, its own HOME."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "USER": "remote-tester", "LANG": "C.UTF-8"}
+
+
+def connect_remote(connection_string: str, env: dict[str, str], cwd: Path) -> str:
+    """`python -m installer connect <connection string>` as a user types it; returns what it printed."""
+    done = subprocess.run([sys.executable, "-m", "installer", "connect", connection_string], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"connect failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout

@@ -1,18 +1,13 @@
 """Real servers and processes for the proxy tests.
 
-Run as a script, this file is one of two upstream servers:
+Run as a script, this file is an upstream server for the proxy to forward to:
 
     python tests/helpers_proxy.py upstream --port N
-        A small aiohttp HTTP + websocket server. It stands in for the UI backend
-        (and, for some tests, for the metadata service): it answers /ping and
-        /api/ping, echoes what it received as JSON, counts streamed uploads,
-        streams responses on request, holds requests open to observe cancellation,
-        and serves a websocket at /api/ws.
-
-    python tests/helpers_proxy.py metadata --port N --root DIR
-        The real metadata API of the PyPI package metaflow-local-service (its
-        create_app), plus the two reads it lacks (GET /flows and GET of one
-        artifact) so that the Metaflow client can read a run back completely.
+        A small aiohttp HTTP + websocket server that shows what reached it: it
+        answers /ping and /api/ping, echoes what it received as JSON, counts
+        streamed uploads, streams responses on request, holds requests open to
+        observe cancellation, and serves a websocket at /api/ws. The real
+        services are behind the proxy in the tests that run flows (the shared stack).
 
 The rest are helpers the tests import: free ports, starting/stopping the proxy
 as a real `python -m installer.proxy` subprocess, raw HTTP requests that keep the
@@ -110,18 +105,6 @@ def start_upstream(workdir: Path, port: int | None = None) -> Process:
     pid = procs.spawn([sys.executable, str(HELPER), "upstream", "--port", str(port)], log_path=log)
     proc = Process(pid, port, log)
     wait_http(f"{proc.url}/ping", pid=pid, log=log)
-    return proc
-
-
-def start_metadata(workdir: Path) -> Process:
-    port = free_port()
-    root = workdir / "metadata-root"
-    root.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"metadata-{port}.log"
-    pid = procs.spawn([sys.executable, str(HELPER), "metadata", "--port", str(port), "--root", str(root)],
-                      log_path=log, env={"HOME": str(workdir)})
-    proc = Process(pid, port, log)
-    wait_http(f"{proc.url}/ping", pid=pid, log=log, timeout=60)
     return proc
 
 
@@ -234,7 +217,7 @@ def _upstream_app():
     async def websocket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("fixture-v1",))
         await ws.prepare(request)
-        await ws.send_json({"hello": "from the UI backend stand-in",
+        await ws.send_json({"hello": "from the test upstream",
                             "headers": {k.lower(): v for k, v in request.headers.items()}})
         async for message in ws:
             if message.type == WSMsgType.TEXT:
@@ -281,37 +264,10 @@ def _run_upstream(port: int) -> None:
     web.run_app(_upstream_app(), host="127.0.0.1", port=port, print=None, handler_cancellation=True)
 
 
-def _run_metadata(port: int, root: str) -> None:
-    import uvicorn
-    from fastapi.responses import JSONResponse
-    from metaflow_local_service import server, store
-
-    app = server.create_app(root)
-
-    @app.get("/flows")
-    async def list_flows() -> JSONResponse:
-        return JSONResponse(store.list_all_flows())
-
-    @app.get("/flows/{flow_name}/runs/{run_id}/steps/{step_name}/tasks/{task_id}/artifacts/{name}")
-    async def one_artifact(flow_name: str, run_id: str, step_name: str, task_id: str, name: str) -> JSONResponse:
-        found = [a for a in store.get_artifacts(flow_name, run_id, step_name, task_id) if a.get("name") == name]
-        if not found:
-            return JSONResponse({"message": "artifact not found"}, status_code=404)
-        return JSONResponse(max(found, key=lambda a: a.get("attempt_id", 0)))
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
     up = sub.add_parser("upstream")
     up.add_argument("--port", type=int, required=True)
-    md = sub.add_parser("metadata")
-    md.add_argument("--port", type=int, required=True)
-    md.add_argument("--root", required=True)
     args = parser.parse_args()
-    if args.what == "upstream":
-        _run_upstream(args.port)
-    else:
-        _run_metadata(args.port, args.root)
+    _run_upstream(args.port)

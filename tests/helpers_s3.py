@@ -1,10 +1,10 @@
 """Real processes for the object store tests: the store, the proxy in front of it, boto3 clients.
 
-`start_s3_stack` runs, each as its own subprocess: the real metadata API
-(metaflow-local-service, see helpers_proxy), `python -m installer.objectstore`
-on a unix socket in a 0700 folder, and `python -m installer.proxy` serving both
-(`/service`, `/s3`), exactly as the stack wires them. The UI backend is the
-small aiohttp stand-in of helpers_proxy (it answers /api/ping, so /healthz is ok).
+`start_s3_stack` runs, each as its own subprocess: `python -m installer.objectstore`
+on a unix socket in a 0700 folder, and `python -m installer.proxy` serving it under
+`/s3`, exactly as the stack wires them, with `/service` sent to the metadata service
+given (the shared stack's real one) or to the small aiohttp server of helpers_proxy,
+which also plays /api (it answers /ping and /api/ping, so /healthz is ok).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from installer.objectstore import socket_path
 from installer.s3auth import INTERNAL_ACCESS_KEY_ID, Credentials, credentials_for_token
 from installer.secrets import read_or_create_secret, read_secret
 
-from .helpers_proxy import (REPO, Process, ProxyProcess, make_static_dir, start_metadata, start_proxy,
-                            start_upstream)
+from .helpers_proxy import REPO, Process, ProxyProcess, make_static_dir, start_proxy, start_upstream
 
 
 def wait_socket(path: Path, pid: int, log: Path, timeout: float = 30.0) -> None:
@@ -50,6 +49,7 @@ def wait_socket(path: Path, pid: int, log: Path, timeout: float = 30.0) -> None:
 class StoreProcess(Process):
     data_dir: Path
     listen: str
+    checks: tuple[Path | None, Path | None, str] = (None, None, "")  # token file, internal file, prefix
 
     @property
     def socket(self) -> Path:
@@ -57,8 +57,9 @@ class StoreProcess(Process):
 
 
 def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, token_file: Path | None = None,
-                internal_secret_file: Path | None = None) -> StoreProcess:
-    """The object store as a subprocess: on its unix socket (default), or on TCP with its own checks."""
+                internal_secret_file: Path | None = None, signed_prefix: str = "") -> StoreProcess:
+    """The object store as a subprocess: on its unix socket (default), or on TCP; with a token file it checks
+    signatures itself (behind the proxy, as the stack runs it, with signed_prefix "/s3")."""
     sock = socket_path(workdir)
     listen = listen or f"unix:{sock}"
     log = workdir / f"objectstore-{int(time.time() * 1000)}.log"
@@ -67,6 +68,8 @@ def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, tok
         cmd += ["--token-file", str(token_file)]
     if internal_secret_file is not None:
         cmd += ["--internal-secret-file", str(internal_secret_file)]
+    if signed_prefix:
+        cmd += ["--signed-prefix", signed_prefix]
     pid = procs.spawn(cmd, log_path=log, cwd=REPO)
     port = 0
     if listen.startswith("unix:"):
@@ -74,7 +77,7 @@ def start_store(workdir: Path, data_dir: Path, *, listen: str | None = None, tok
     else:
         port = int(listen.rsplit(":", 1)[1])
         _wait_tcp(port, pid, log)
-    return StoreProcess(pid, port, log, data_dir, listen)
+    return StoreProcess(pid, port, log, data_dir, listen, (token_file, internal_secret_file, signed_prefix))
 
 
 def _wait_tcp(port: int, pid: int, log: Path, timeout: float = 30.0) -> None:
@@ -93,7 +96,6 @@ def _wait_tcp(port: int, pid: int, log: Path, timeout: float = 30.0) -> None:
 @dataclass
 class S3Stack:
     workdir: Path
-    metadata: Process | None
     store: StoreProcess
     proxy: ProxyProcess
     ui: Process
@@ -119,32 +121,32 @@ class S3Stack:
 
     def restart_store(self) -> None:
         self.store.stop()
-        self.store = start_store(self.workdir, self.store.data_dir)
+        token_file, internal, prefix = self.store.checks
+        self.store = start_store(self.workdir, self.store.data_dir, token_file=token_file,
+                                 internal_secret_file=internal, signed_prefix=prefix)
 
     def stop(self) -> None:
-        for proc in (self.proxy, self.store, self.metadata, self.ui):
-            if proc is None:
-                continue
+        for proc in (self.proxy, self.store, self.ui):
             try:
                 proc.stop()
             except Exception:  # noqa: BLE001 - stop the others whatever happened to one
                 pass
 
 
-def start_s3_stack(workdir: Path, *, metadata: bool = True) -> S3Stack:
+def start_s3_stack(workdir: Path, *, metadata_url: str | None = None) -> S3Stack:
     workdir.mkdir(parents=True, exist_ok=True)
     secrets = workdir / "secrets"
     token_file = secrets / "token"
     internal = secrets / "s3-internal"
     read_or_create_secret(token_file)
     read_or_create_secret(internal)
-    meta = start_metadata(workdir) if metadata else None
     ui = start_upstream(workdir)
-    store = start_store(workdir, workdir / "objects")
-    proxy = start_proxy(workdir, metadata_url=meta.url if meta else ui.url, ui_url=ui.url,
+    store = start_store(workdir, workdir / "objects", token_file=token_file, internal_secret_file=internal,
+                        signed_prefix="/s3")
+    proxy = start_proxy(workdir, metadata_url=metadata_url or ui.url, ui_url=ui.url,
                         static_dir=make_static_dir(workdir), token_file=token_file,
                         extra=["--s3-socket", str(store.socket), "--s3-internal-secret-file", str(internal)])
-    return S3Stack(workdir, meta, store, proxy, ui, internal)
+    return S3Stack(workdir, store, proxy, ui, internal)
 
 
 def s3_client(endpoint: str, credentials: Credentials, **config: object):

@@ -1,5 +1,6 @@
-"""`connect` and the connection string, against a stand-in of the stack's proxy (see helpers_connect)
-in front of the real metaflow-local-service, with the real Metaflow client running a real flow."""
+"""`connect` and the connection string, against the real stack (the shared one: its entry point, the
+upstream metadata service, its object store) and against the real entry point in front of servers
+that misbehave, with the real Metaflow client running a real flow."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
@@ -40,7 +42,10 @@ from installer.connection import (
 )
 from installer.errors import ConnectError, StackError
 
-from .helpers_connect import LoopThread, MetadataService, OtherServer, ProxyStandIn, SilentServer, free_port
+import installer
+
+from . import helpers_proxy as hp
+from .helpers_connect import LoopThread, OtherServer, SilentServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "tok_3kR9-x_Yq2"
@@ -63,19 +68,17 @@ def clean_metaflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetadataService]:
-    svc = MetadataService(tmp_path_factory.mktemp("metadata"))
-    svc.start()
-    yield svc
-    svc.stop()
+def stack(shared_stack: dict) -> SimpleNamespace:
+    """The shared stack as a client sees it: its address, its token, its entry point's log."""
+    settings = installer.settings(**shared_stack)
+    return SimpleNamespace(url=f"http://127.0.0.1:{settings.port}", port=settings.port,
+                           token=installer.token(**shared_stack), proxy_log=settings.log_path("proxy"))
 
 
-@pytest.fixture(scope="module")
-def stack(service: MetadataService) -> Iterator[ProxyStandIn]:
-    proxy = ProxyStandIn(TOKEN, service.port)
-    proxy.start()
-    yield proxy
-    proxy.stop()
+def real_proxy(workdir: Path, metadata_url: str) -> hp.ProxyProcess:
+    """The stack's own entry point (`python -m installer.proxy`) in front of the given metadata service."""
+    return hp.start_proxy(workdir, metadata_url=metadata_url, ui_url=f"http://127.0.0.1:{free_port()}",
+                          static_dir=hp.make_static_dir(workdir))
 
 
 # ---------------------------------------------------------------- the connection string
@@ -136,39 +139,56 @@ def test_connection_file_is_private_atomic_and_complete(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- success paths
 
-def test_connect_writes_default_profile_and_environment(stack: ProxyStandIn, tmp_path: Path) -> None:
-    result = connect(format_connection(stack.url, TOKEN))
+def test_connect_writes_default_profile_and_environment(stack: SimpleNamespace, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "ada")
+    result = connect(format_connection(stack.url, stack.token))
     assert isinstance(result, ConnectResult)
     assert result.base_url == stack.url
-    assert result.service_version == "2.5.0"
+    assert result.service_version == "2.5.1"  # the upstream service's own answer
     config = tmp_path / "mfconfig" / "config.json"
     assert result.config_path == config and result.config_action == "created"
     written = json.loads(config.read_text())
+    client_params = json.loads(written.pop("METAFLOW_DATATOOLS_CLIENT_PARAMS"))
     assert written == {
         "METAFLOW_DEFAULT_METADATA": "service",
         "METAFLOW_SERVICE_URL": f"{stack.url}/service",
-        "METAFLOW_SERVICE_AUTH_KEY": TOKEN,
-        "METAFLOW_DEFAULT_DATASTORE": "local",
+        "METAFLOW_SERVICE_AUTH_KEY": stack.token,
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": "s3://metaflow/data",
+        "METAFLOW_S3_ENDPOINT_URL": f"{stack.url}/s3",
     }
+    assert client_params["aws_access_key_id"] == "metaflow-stack" and client_params["aws_secret_access_key"]
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert os.environ["METAFLOW_SERVICE_URL"] == f"{stack.url}/service"
-    assert os.environ["METAFLOW_SERVICE_AUTH_KEY"] == TOKEN
+    assert os.environ["METAFLOW_SERVICE_AUTH_KEY"] == stack.token
+    assert result.datastore.kind == "s3" and result.datastore.ui_misses == ()
+    text = "\n".join(result.lines())
+    assert stack.token not in text and stack.token not in repr(result)
+    assert client_params["aws_secret_access_key"] not in text
+    assert connect(format_connection(stack.url, stack.token)).config_action == "unchanged"
+
+
+def test_the_local_datastore_stays_an_explicit_choice(stack: SimpleNamespace, tmp_path: Path) -> None:
+    result = connect(format_connection(stack.url, stack.token), set_env=False, datastore="local",
+                     datastore_root=tmp_path / "runs")
+    written = json.loads((tmp_path / "mfconfig" / "config.json").read_text())
+    assert written["METAFLOW_DEFAULT_DATASTORE"] == "local"
+    assert written["METAFLOW_DATASTORE_SYSROOT_LOCAL"] == str((tmp_path / "runs").resolve())
+    assert "METAFLOW_S3_ENDPOINT_URL" not in written
     assert result.datastore.kind == "local"
     assert set(result.datastore.ui_misses) == {"logs", "artifacts", "cards"}
     assert "NOT their logs, artifacts or cards" in result.datastore.statement
-    text = "\n".join(result.lines())
-    assert TOKEN not in text and TOKEN not in repr(result)
-    assert connect(format_connection(stack.url, TOKEN)).config_action == "unchanged"
 
 
-def test_existing_profile_is_merged_and_the_result_says_so(stack: ProxyStandIn, tmp_path: Path) -> None:
+def test_existing_profile_is_merged_and_the_result_says_so(stack: SimpleNamespace, tmp_path: Path) -> None:
     config = tmp_path / "mfconfig" / "config_gpu.json"
     config.parent.mkdir(parents=True)
     config.write_text(json.dumps({"METAFLOW_SERVICE_URL": "http://old-host:8080",
                                   "METAFLOW_SERVICE_AUTH_KEY": "old-secret-value",
                                   "METAFLOW_DEFAULT_METADATA": "service",
                                   "METAFLOW_USER": "ada"}))
-    result = connect(url=stack.url + "/", token=TOKEN, profile="gpu", set_env=False)
+    result = connect(url=stack.url + "/", token=stack.token, profile="gpu", set_env=False)
     assert result.config_path == config and result.config_action == "updated"
     assert result.replaced == {"METAFLOW_SERVICE_URL": "http://old-host:8080",
                                "METAFLOW_SERVICE_AUTH_KEY": "old-..."}
@@ -182,7 +202,7 @@ def test_existing_profile_is_merged_and_the_result_says_so(stack: ProxyStandIn, 
 
 
 @pytest.mark.parametrize("user", [None, "", "root"])
-def test_a_shell_without_a_user_name_gets_one_in_the_profile(stack: ProxyStandIn, tmp_path: Path,
+def test_a_shell_without_a_user_name_gets_one_in_the_profile(stack: SimpleNamespace, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              user: str | None) -> None:
     if user is None:
@@ -190,59 +210,44 @@ def test_a_shell_without_a_user_name_gets_one_in_the_profile(stack: ProxyStandIn
     else:
         monkeypatch.setenv("USER", user)
     monkeypatch.delenv("LOGNAME", raising=False)
-    result = connect(format_connection(stack.url, TOKEN), set_env=False)
+    result = connect(format_connection(stack.url, stack.token), set_env=False)
     written = json.loads((tmp_path / "mfconfig" / "config.json").read_text())
-    # Tests run as root, whose name Metaflow refuses: the stand-in name is written.
+    # Tests run as root, whose name Metaflow refuses: a neutral name is written instead.
     assert written["METAFLOW_USER"] == connect_mod.FALLBACK_USER == "notebook"
     assert any("runs are recorded as user 'notebook' (METAFLOW_USER in the profile)" in n for n in result.notes)
 
     # A user name already in the profile is the user's choice: kept.
     (tmp_path / "mfconfig" / "config.json").write_text(json.dumps({"METAFLOW_USER": "ada"}))
-    again = connect(format_connection(stack.url, TOKEN), set_env=False)
+    again = connect(format_connection(stack.url, stack.token), set_env=False)
     assert json.loads((tmp_path / "mfconfig" / "config.json").read_text())["METAFLOW_USER"] == "ada"
     assert not any("METAFLOW_USER" in n for n in again.notes)
 
 
-def test_unreadable_profile_is_not_overwritten(stack: ProxyStandIn, tmp_path: Path) -> None:
+def test_unreadable_profile_is_not_overwritten(stack: SimpleNamespace, tmp_path: Path) -> None:
     config = tmp_path / "mfconfig" / "config.json"
     config.parent.mkdir(parents=True)
     config.write_text("{not json")
     with pytest.raises(ProfileError) as caught:
-        connect(format_connection(stack.url, TOKEN))
+        connect(format_connection(stack.url, stack.token))
     assert str(config) in caught.value.message
     assert config.read_text() == "{not json"
 
 
-def test_environment_only_writes_no_file(stack: ProxyStandIn, tmp_path: Path) -> None:
-    result = connect(format_connection(stack.url, TOKEN), write_profile=False)
+def test_environment_only_writes_no_file(stack: SimpleNamespace, tmp_path: Path) -> None:
+    result = connect(format_connection(stack.url, stack.token), write_profile=False)
     assert result.config_path is None and result.config_action == "not written"
     assert not (tmp_path / "mfconfig").exists()
     assert os.environ["METAFLOW_DEFAULT_METADATA"] == "service"
 
 
-def test_connect_finds_connection_json_in_a_shared_root(stack: ProxyStandIn, tmp_path: Path) -> None:
+def test_connect_finds_connection_json_in_a_shared_root(stack: SimpleNamespace, tmp_path: Path) -> None:
     root = tmp_path / "drive" / "metaflow-stack"
-    write_connection_file(root, stack.url, TOKEN)
+    write_connection_file(root, stack.url, stack.token)
     result = connect(root=root, set_env=False, write_profile=False)
     assert result.base_url == stack.url
     with pytest.raises(BadConnectionString) as caught:
         connect(root=tmp_path / "empty", set_env=False, write_profile=False)
     assert "connection.json" in caught.value.message
-
-
-def test_an_advertised_object_store_switches_the_datastore(service: MetadataService, tmp_path: Path) -> None:
-    proxy = ProxyStandIn(TOKEN, service.port,
-                         health_extra={"datastore": {"type": "s3", "root": "s3://metaflow/data", "endpoint": "/s3"}})
-    proxy.start()
-    try:
-        result = connect(format_connection(proxy.url, TOKEN), set_env=False)
-    finally:
-        proxy.stop()
-    assert result.datastore.kind == "s3"
-    assert result.settings["METAFLOW_DEFAULT_DATASTORE"] == "s3"
-    assert result.settings["METAFLOW_DATASTORE_SYSROOT_S3"] == "s3://metaflow/data"
-    assert result.settings["METAFLOW_S3_ENDPOINT_URL"] == f"{proxy.url}/s3"
-    assert result.datastore.ui_misses == ()
 
 
 # ---------------------------------------------------------------- each failure, its own message
@@ -266,7 +271,7 @@ def test_failure_dns() -> None:
     assert "cannot resolve the host name 'nonexistent.invalid'" in error.message
 
 
-def test_failure_tls_to_a_plain_http_port(stack: ProxyStandIn) -> None:
+def test_failure_tls_to_a_plain_http_port(stack: SimpleNamespace) -> None:
     error = _fail(f"https://127.0.0.1:{stack.port}/?token={TOKEN}")
     assert isinstance(error, TLSFailed) and error.reason == "tls"
     assert "TLS handshake" in error.message and "http://" in (error.hint or "")
@@ -305,18 +310,17 @@ def test_failure_refused() -> None:
     assert "refused" in error.message
 
 
-def test_failure_wrong_token(stack: ProxyStandIn) -> None:
+def test_failure_wrong_token(stack: SimpleNamespace) -> None:
     error = _fail(format_connection(stack.url, "not-the-token"))
     assert isinstance(error, WrongToken) and error.reason == "unauthorized"
     assert "refused the access token (HTTP 401)" in error.message
-    assert "missing or wrong access token" in error.message  # the proxy's own words are passed on
+    assert "missing or invalid access token" in error.message  # the proxy's own words are passed on
 
 
-def test_failure_stack_up_service_down() -> None:
-    proxy = ProxyStandIn(TOKEN, free_port())
-    proxy.start()
+def test_failure_stack_up_service_down(tmp_path: Path) -> None:
+    proxy = real_proxy(tmp_path, f"http://127.0.0.1:{free_port()}")
     try:
-        error = _fail(format_connection(proxy.url, TOKEN))
+        error = _fail(format_connection(proxy.url, proxy.token))
     finally:
         proxy.stop()
     assert isinstance(error, ServiceDown) and error.reason == "service_down"
@@ -361,7 +365,7 @@ def test_failure_redirect_names_the_address_to_use() -> None:
     assert error.hint == "use https://amber-basin.trycloudflare.com in the connection string"
 
 
-def test_failure_service_too_old() -> None:
+def test_failure_service_too_old(tmp_path: Path) -> None:
     async def ping(request: web.Request) -> web.Response:
         return web.Response(text="pong", headers={"METADATA_SERVICE_VERSION": "2.0.5"})
 
@@ -369,10 +373,9 @@ def test_failure_service_too_old() -> None:
     app.router.add_get("/ping", ping)
     old = LoopThread(app)
     old.start()
-    proxy = ProxyStandIn(TOKEN, old.port)
-    proxy.start()
+    proxy = real_proxy(tmp_path, f"http://127.0.0.1:{old.port}")
     try:
-        error = _fail(format_connection(proxy.url, TOKEN))
+        error = _fail(format_connection(proxy.url, proxy.token))
     finally:
         proxy.stop()
         old.stop()
@@ -437,13 +440,13 @@ def _clean_env(home: Path) -> dict[str, str]:
             "PYTHONPATH": str(REPO)}
 
 
-def test_remote_process_connects_and_runs_a_flow_seen_by_the_stack(stack: ProxyStandIn, tmp_path: Path) -> None:
+def test_remote_process_connects_and_runs_a_flow_seen_by_the_stack(stack: SimpleNamespace, tmp_path: Path) -> None:
     remote_home = tmp_path / "remote-home"
     env = _clean_env(remote_home)
     work = tmp_path / "remote-work"
     work.mkdir()
     (work / "flow.py").write_text(FLOW)
-    line = format_connection(stack.url, TOKEN)
+    line = format_connection(stack.url, stack.token)
 
     done = subprocess.run([sys.executable, "-c", CONNECT, line], env=env, cwd=work, capture_output=True,
                           text=True, check=False, timeout=120)
@@ -451,18 +454,18 @@ def test_remote_process_connects_and_runs_a_flow_seen_by_the_stack(stack: ProxyS
     report = json.loads(done.stdout)
     assert report["config"] == str(remote_home / ".metaflowconfig" / "config.json")
 
-    seen_before = len(stack.requests_seen)
+    seen_before = stack.proxy_log.read_text()
     run = subprocess.run([sys.executable, "flow.py", "run"], env=env, cwd=work, capture_output=True,
                          text=True, check=False, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "hello from a remote notebook" in run.stdout + run.stderr
-    writes = [(m, p) for m, p in stack.requests_seen[seen_before:] if m == "POST"]
-    assert any(p.startswith("/service/flows/HelloStackFlow") for _, p in writes), writes
+    # The run's records went through the entry point, authenticated by the token.
+    logged = stack.proxy_log.read_text()[len(seen_before):]
+    assert '"POST /service/flows/HelloStackFlow' in logged, logged[-3000:]
 
-    stack_env = _clean_env(tmp_path / "stack-home")
-    stack_env.update({"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": f"{stack.url}/service",
-                      "METAFLOW_SERVICE_AUTH_KEY": TOKEN})
-    seen = subprocess.run([sys.executable, "-c", STACK_SIDE], env=stack_env, cwd=tmp_path, capture_output=True,
+    # Read back from another folder with only the profile `connect` wrote: records from the stack's
+    # metadata service, data from its object store.
+    seen = subprocess.run([sys.executable, "-c", STACK_SIDE], env=env, cwd=tmp_path, capture_output=True,
                           text=True, check=False, timeout=120)
     assert seen.returncode == 0, seen.stderr
     result = json.loads(seen.stdout.strip().splitlines()[-1])

@@ -34,8 +34,7 @@ def test_port_taken_names_the_holder(stack: dict) -> None:
 
 def test_registry_down(tmp_path: Path) -> None:
     flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"),
-             "registry": f"http://127.0.0.1:{free_port()}",
-             "postgres_image": "mfstack/postgres:15", "service_image": "mfstack/metaflow-service-standin:test"}
+             "registry": f"http://127.0.0.1:{free_port()}"}
     with pytest.raises(ImageError) as caught:
         installer.up(**flags)
     assert "is not answering" in str(caught.value)
@@ -44,7 +43,7 @@ def test_registry_down(tmp_path: Path) -> None:
 
 def test_image_missing(tmp_path: Path, registry: str) -> None:
     flags = {"root": str(tmp_path / "root"), "udocker_dir": str(tmp_path / "ud"), "registry": registry,
-             "postgres_image": "mfstack/no-such-image:1", "service_image": "mfstack/metaflow-service-standin:test"}
+             "postgres_image": "mfstack/no-such-image:1"}
     with pytest.raises(ImageError) as caught:
         installer.up(**flags)
     assert "mfstack/no-such-image:1" in str(caught.value)
@@ -134,12 +133,11 @@ def stack_lock(settings):
 
 
 def test_status_json_from_the_command_line(stack: dict) -> None:
-    installer.up(**stack)
+    installer.up(wait_ui=True, **stack)
     done = subprocess.run([sys.executable, "-m", "installer", "status", "--json", "--root", stack["root"],
                            "--port", stack["port"], "--db-port", stack["db_port"],
                            "--metadata-port", stack["metadata_port"], "--ui-port", stack["ui_port"],
-                           "--udocker-dir", stack["udocker_dir"],
-                           "--postgres-image", stack["postgres_image"], "--service-image", stack["service_image"]],
+                           "--udocker-dir", stack["udocker_dir"]],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     import json

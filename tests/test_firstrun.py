@@ -92,7 +92,7 @@ def test_a_failing_start_stops_only_what_this_up_started(stack: dict) -> None:
     assert set(before) == {"postgres", "metadata", "objectstore", "snapshots"}
 
     with pytest.raises(ServiceFailed) as caught:  # too short for the UI backend to answer
-        installer.up(**{**stack, "start_timeout": "0.1"})
+        installer.up(**{**stack, "start_timeout": "0.1", "wait_ui": True})
     text = str(caught.value)
     assert "the UI backend did not become healthy within 0 s" in text
     assert f"last lines of {resolve(stack).log_path('ui-backend')}" in text

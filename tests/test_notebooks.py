@@ -1,10 +1,10 @@
 """The two notebooks, executed for real, and the panel they show.
 
 The notebooks run in a real Jupyter kernel through nbclient (the engine nbmake
-uses), against the offline stack: images from the local registry, where the
-service image is the project's TEST image (images/service-standin) playing the
-part of netflixoss/metaflow_metadata_service; PostgreSQL is real. Settings reach
-the notebooks through environment variables only, as they would in CI.
+uses), against the offline stack: the production images (the Metaflow service built
+from upstream's release archives, PostgreSQL 15) under their production names, from
+the local registry. Settings reach the notebooks through environment variables only,
+as they would in CI.
 
 Order: the service notebook starts the stack (its stop button is not pressed),
 the remote notebook finds the connection in the same MF_ROOT, connects and runs
@@ -34,7 +34,7 @@ from installer import procs
 from installer.errors import ServiceFailed, StackError
 from installer.stack import Event, ServiceStatus, StackStatus
 
-from .conftest import REPO, SHARED_UDOCKER_DIR, TEST_IMAGES, free_port, stack_flags
+from .conftest import REPO, SHARED_UDOCKER_DIR, free_port, stack_flags
 from .flowtools import client_env, read_latest_run
 
 NOTEBOOKS = REPO / "notebooks"
@@ -63,8 +63,6 @@ def kernel_env(root: Path, home: Path, registry: str, ports: dict[str, int]) -> 
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "MF_ROOT": str(root),
         "MF_REGISTRY": registry,
-        "MF_POSTGRES_IMAGE": TEST_IMAGES["postgres"],
-        "MF_SERVICE_IMAGE": TEST_IMAGES["service"],
         "UDOCKER_DIR": str(SHARED_UDOCKER_DIR),
         "MF_PORT": str(ports["port"]),
         "MF_METADATA_PORT": str(ports["metadata"]),

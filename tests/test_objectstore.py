@@ -40,7 +40,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
-    stack = start_s3_stack(tmp_path_factory.mktemp("s3shared"), metadata=False)
+    stack = start_s3_stack(tmp_path_factory.mktemp("s3shared"))
     yield stack
     stack.stop()
 
@@ -48,7 +48,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Stack]:
 @pytest.fixture
 def own(tmp_path: Path) -> Iterator[S3Stack]:
     """A stack of the test's own, for tests that rotate the token or restart the store."""
-    stack = start_s3_stack(tmp_path / "stack", metadata=False)
+    stack = start_s3_stack(tmp_path / "stack")
     yield stack
     stack.stop()
 
@@ -269,7 +269,7 @@ def test_objects_are_plain_files_and_survive_a_store_restart(own: S3Stack) -> No
 
 
 def test_health_says_degraded_while_the_store_is_down_and_s3_gets_502(own: S3Stack) -> None:
-    assert requests.get(f"{own.url}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{own.url}/healthz", timeout=10).json() == {"status": "ok", "ui": "ready"}
     own.store.stop()
     deadline = time.monotonic() + 10  # the proxy caches its health answer for a second
     while True:
@@ -452,7 +452,7 @@ def test_connect_configures_the_store_and_local_stays_an_option(shared: S3Stack,
         if key.startswith("METAFLOW_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "mfconfig"))
-    # connect() checks the metadata service's /ping: the shared stack's UI stand-in answers it.
+    # connect() checks the metadata service's /ping: this stack's test upstream answers it.
     line = format_connection(shared.url, shared.token)
     result = connect_stack(line, set_env=False)
     assert result.datastore.kind == "s3"
@@ -473,7 +473,7 @@ def test_connect_configures_the_store_and_local_stays_an_option(shared: S3Stack,
 
 def test_connect_requiring_s3_fails_clearly_without_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "mfconfig"))
-    stack = start_s3_stack(tmp_path / "nostore", metadata=False)
+    stack = start_s3_stack(tmp_path / "nostore")
     try:
         stack.proxy.stop()
         from .helpers_proxy import start_proxy

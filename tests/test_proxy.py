@@ -1,10 +1,10 @@
 """The reverse proxy, run as a real `python -m installer.proxy` process in front of real servers.
 
-Upstreams: the metadata API of the PyPI package `metaflow-local-service` (a real
-FastAPI metadata service) for /service, and a small aiohttp server of ours
-(tests/helpers_proxy.py) standing in for the UI backend; for the forwarding
-tests a second proxy sends /service to that echo server too, so we can see
-exactly what an upstream receives. Flows are run by the real `metaflow` client.
+Upstreams: the real metadata service of the shared stack (upstream v2.5.1 on PostgreSQL) for
+/service, and a small aiohttp server of ours (tests/helpers_proxy.py) that records and echoes
+what it receives, for /api; for the forwarding tests a second proxy sends /service to that echo
+server too, so we can see exactly what an upstream receives. Flows are run by the real
+`metaflow` client.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -41,8 +42,8 @@ from . import helpers_proxy as hp
 
 
 def client_ip() -> dict[str, str]:
-    """A fresh client identity (the proxy keys its failure delay on the last X-Forwarded-For hop from loopback)."""
-    return {"X-Forwarded-For": f"10.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}"}
+    """A fresh client identity, as the tunnel names it (these proxies run with --behind-tunnel)."""
+    return {"Cf-Connecting-Ip": f"10.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}.{pysecrets.randbelow(256)}"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,16 +68,16 @@ def upstream(workdir):
 
 
 @pytest.fixture(scope="module")
-def metadata(workdir):
-    proc = hp.start_metadata(workdir)
-    yield proc
-    proc.stop()
+def metadata(shared_stack):
+    """The shared stack's metadata service, reached directly (this module's proxies sit in front of it)."""
+    return SimpleNamespace(url=f"http://127.0.0.1:{shared_stack['metadata_port']}")
 
 
 @pytest.fixture(scope="module")
 def proxy(workdir, metadata, upstream, static_dir):
     """The proxy as the stack runs it: /service -> metadata service, /api -> UI backend."""
-    proc = hp.start_proxy(workdir, metadata_url=metadata.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(workdir, metadata_url=metadata.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -84,7 +85,8 @@ def proxy(workdir, metadata, upstream, static_dir):
 @pytest.fixture(scope="module")
 def echo_proxy(workdir, upstream, static_dir):
     """A proxy whose /service upstream is the echo server, to see what the metadata service would receive."""
-    proc = hp.start_proxy(workdir, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(workdir, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -92,7 +94,8 @@ def echo_proxy(workdir, upstream, static_dir):
 @pytest.fixture()
 def own_proxy(tmp_path, upstream, static_dir):
     """A proxy of its own, for tests that change its token."""
-    proc = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir)
+    proc = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=upstream.url, static_dir=static_dir,
+                          extra=["--behind-tunnel"])
     yield proc
     proc.stop()
 
@@ -287,7 +290,7 @@ def test_browser_without_token_gets_login_page(proxy):
 
 def test_healthz_needs_no_credentials_and_reveals_nothing(proxy):
     response = requests.get(proxy.url + "/healthz")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200 and response.json() == {"status": "ok", "ui": "ready"}
     assert "Set-Cookie" not in response.headers
 
 
@@ -307,7 +310,7 @@ def test_cookie_flow(proxy):
     assert requests.get(proxy.url + "/static/js/main.4d5e6f.js", cookies=cookies).status_code == 200
     # Behind https (the tunnel) the cookie is Secure.
     secure = requests.get(f"{proxy.url}/?token={proxy.token}", allow_redirects=False,
-                          headers={"X-Forwarded-Proto": "https"})
+                          headers={"X-Forwarded-Proto": "https", **client_ip()})
     assert "Secure" in secure.headers["Set-Cookie"]
 
 
@@ -494,12 +497,12 @@ def test_forwarding_strips_credentials_and_hop_by_hop_and_sets_forwarded(echo_pr
     for hop in ("x-private-hop", "keep-alive", "te", "proxy-authorization", "upgrade"):
         assert hop not in names, hop
     assert names["cookie"] == "a=1; b=2"
-    assert names["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert names["x-forwarded-for"] == "127.0.0.1", "a client's own X-Forwarded-For is not passed on"
     assert names["x-forwarded-proto"] == "http"
     assert names["x-forwarded-host"] == f"127.0.0.1:{echo_proxy.port}"
     assert names["x-custom"] == "kept"
     assert seen["bytes"] == len(b'{"tags_to_add": ["a"]}')
-    assert headers["x-upstream"] == "fixture" and headers["set-cookie"] == "upstream=1; Path=/"
+    assert headers["x-upstream"] == "fixture" and "set-cookie" not in headers, "upstream cookies are dropped"
     assert echo_proxy.token not in body.decode()
 
 
@@ -529,10 +532,42 @@ def test_upstream_down_gives_502_naming_the_service(tmp_path, static_dir):
         assert response.json() == {"error": f"UI backend is not answering on 127.0.0.1:{dead_ui}"}
         assert asyncio.run(_ws_attempt(proxy.url.replace("http", "ws") + "/api/ws", headers=key)) == 502
         health = requests.get(proxy.url + "/healthz")
-        assert health.status_code == 503 and health.json() == {"status": "degraded"}
+        assert health.status_code == 503 and health.json() == {"status": "degraded", "ui": "starting"}
         assert "Fixture UI index" in requests.get(proxy.url + "/", headers=key).text, "the UI files still serve"
     finally:
         proxy.stop()
+
+
+def test_a_browser_gets_a_self_reloading_page_while_the_ui_backend_starts(tmp_path, static_dir, upstream):
+    """Flows are tracked as soon as the metadata service answers; the UI page waits for its backend."""
+    ui_port = hp.free_port()
+    proxy = hp.start_proxy(tmp_path, metadata_url=upstream.url, ui_url=f"http://127.0.0.1:{ui_port}",
+                           static_dir=static_dir)
+    late_ui = None
+    try:
+        health = requests.get(proxy.url + "/healthz")
+        assert health.status_code == 200 and health.json() == {"status": "ok", "ui": "starting"}
+        key = {"x-api-key": proxy.token}
+        assert requests.get(proxy.url + "/service/ping", headers=key).text == "pong"
+        page = requests.get(proxy.url + "/FanoutFlow/3", headers={**key, "Accept": "text/html"})
+        assert page.status_code == 503 and page.headers["Retry-After"] == "2"
+        assert '<meta http-equiv="refresh" content="2">' in page.text
+        assert "The Metaflow UI is starting" in page.text and "Fixture UI index" not in page.text
+        assert page.headers["Cache-Control"] == "no-store"
+        # Assets and API clients are not sent the page: only browser navigations are.
+        assert requests.get(proxy.url + "/static/js/main.4d5e6f.js", headers=key).status_code == 200
+
+        late_ui = hp.start_upstream(tmp_path, port=ui_port)
+        deadline = time.monotonic() + 10
+        while requests.get(proxy.url + "/healthz").json()["ui"] != "ready":
+            assert time.monotonic() < deadline, "the proxy never noticed the UI backend"
+            time.sleep(0.2)
+        page = requests.get(proxy.url + "/FanoutFlow/3", headers={**key, "Accept": "text/html"})
+        assert page.status_code == 200 and "Fixture UI index" in page.text
+    finally:
+        proxy.stop()
+        if late_ui is not None:
+            late_ui.stop()
 
 
 def test_response_is_streamed_not_buffered(proxy, upstream):

@@ -2,9 +2,9 @@
 goes to the stack's object store through the proxy; the stack's side reads it back.
 
 Run twice: against the parts alone (the proxy `python -m installer.proxy`, the object store
-`python -m installer.objectstore` on a unix socket, the metadata API of metaflow-local-service), and
-against the whole stack brought up by `installer.up` from the local registry (PostgreSQL and the
-service stand-in image in udocker containers, with the stack's own proxy, object store and
+`python -m installer.objectstore` on a unix socket, in front of the shared stack's metadata service),
+and against a whole stack of its own brought up by `installer.up` from the local registry (PostgreSQL
+and the Metaflow service image in udocker containers, with the stack's own proxy, object store and
 settings). Both use the real Metaflow client and boto3. The stack side reads with the UI backend's
 configuration (ui_backend_env: internal credentials, endpoint http://127.0.0.1:<port>/s3).
 """
@@ -126,7 +126,8 @@ class _WholeStack:
 @pytest.fixture(params=["parts", "whole-stack"])
 def s3stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S3Stack | _WholeStack]:
     if request.param == "parts":
-        parts = start_s3_stack(tmp_path / "stack")
+        shared = request.getfixturevalue("shared_stack")
+        parts = start_s3_stack(tmp_path / "stack", metadata_url=f"http://127.0.0.1:{shared['metadata_port']}")
         yield parts
         parts.stop()
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +12,26 @@ import pytest
 
 from installer import schema
 
-from .conftest import REPO
+from .conftest import upstream_archive
 from .helpers_pg import PgCluster, make_workdir
 
-IMAGE_MIGRATIONS = REPO / "images" / "service-standin" / "migration_files"
+# The migration files of metaflow-service v2.5.1, as its image carries them.
+UPSTREAM_VERSIONS = (1, 20200603104139, 20201002000616, 20210202145952, 20210260056859, 20211202100726,
+                     20220503175500, 20230118020300)
+
+
+@pytest.fixture(scope="module")
+def image_migrations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The upstream migration files, unpacked from the verified release archive the image is built from."""
+    target = tmp_path_factory.mktemp("upstream-migrations")
+    prefix = "metaflow-service-2.5.1/services/migration_service/migration_files/"
+    with tarfile.open(upstream_archive()) as archive:
+        for member in archive.getmembers():
+            if member.isfile() and member.name.startswith(prefix) and member.name.endswith(".sql"):
+                handle = archive.extractfile(member)
+                assert handle is not None
+                (target / Path(member.name).name).write_bytes(handle.read())
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +89,13 @@ DROP TABLE a;
     assert not second.in_transaction and second.statements == ("CREATE INDEX CONCURRENTLY i ON a (id);",)
 
 
-def test_applies_the_image_files_with_goose_bookkeeping(database: str) -> None:
-    files = sorted(IMAGE_MIGRATIONS.glob("*.sql"), key=lambda p: int(p.name.split("_")[0]))
-    versions = [int(p.name.split("_")[0]) for p in files]
-    report = schema.apply(database, IMAGE_MIGRATIONS)
+def test_applies_the_image_files_with_goose_bookkeeping(database: str, image_migrations: Path) -> None:
+    versions = list(UPSTREAM_VERSIONS)
+    modes = {schema.parse_migration(p).version: schema.parse_migration(p).in_transaction
+             for p in image_migrations.glob("*.sql")}
+    assert sorted(modes) == versions
+    assert sum(not in_transaction for in_transaction in modes.values()) == 4
+    report = schema.apply(database, image_migrations)
     assert report.applied == tuple(versions)
     assert report.version == versions[-1] == report.newest_available
     assert _rows(database) == [(0, True)] + [(v, True) for v in versions]
@@ -83,8 +103,12 @@ def test_applies_the_image_files_with_goose_bookkeeping(database: str) -> None:
         invalid = conn.execute("SELECT count(*) FROM pg_index WHERE NOT indisvalid").fetchone()[0]
         assert invalid == 0
         assert schema.current_version(conn) == versions[-1]
+        # What goose itself leaves: 6 tables of the service and its own, with their indexes.
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0]
+        indexes = conn.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'public'").fetchone()[0]
+        assert (tables, indexes) == (7, 23)
 
-    again = schema.apply(database, IMAGE_MIGRATIONS)
+    again = schema.apply(database, image_migrations)
     assert again.applied == ()
     assert len(_rows(database)) == len(versions) + 1
 

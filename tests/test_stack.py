@@ -1,18 +1,19 @@
 """End to end: an empty MF_ROOT, `up` from the local registry, a real flow, `down`, `up` again.
 
-The service image here is the project's TEST image (images/service-standin),
-which plays the part of netflixoss/metaflow_metadata_service offline with the
-same contract; PostgreSQL is real PostgreSQL 15 in a udocker container.
+The images are the production ones under their production names (the Metaflow service
+built from upstream's release archives, PostgreSQL 15), pulled from the local registry.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
+import requests
 
 import installer
 from installer import procs
@@ -20,7 +21,7 @@ from installer.services import dsn
 from installer.settings import resolve
 
 from .conftest import stack_flags
-from .flowtools import client_env, read_latest_run, run_flow
+from .flowtools import client_env, connect_remote, read_latest_run, remote_env, run_flow
 
 
 def _stack_processes(flags: dict) -> list[procs.ProcInfo]:
@@ -98,31 +99,40 @@ def _db_password(flags: dict) -> str:
 
 
 def test_fresh_machine_restores_from_the_snapshot_folder(tmp_path: Path, registry: str) -> None:
-    """A new machine (empty data folder) with the old snapshot folder gets the database back."""
-    shared_drive = tmp_path / "drive"
-    first = stack_flags(tmp_path / "machine1", registry)
-    first["snapshot_dir"] = str(shared_drive)
+    """A new machine (empty data folder, empty udocker folder) with the old MF_ROOT gets its runs back."""
+    first = stack_flags(tmp_path / "drive" / "metaflow-stack", registry)
+    work = tmp_path / "remote"
+    env = remote_env(work / "home")
     try:
         assert installer.up(**first).restored is None
-        settings = resolve(first)
-        with psycopg.connect(dsn(settings, _db_password(first))) as conn:
-            conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
-            conn.execute("INSERT INTO notes VALUES (1, 'kept across machines')")
+        connect_remote(installer.connection(**first), env, work)
+        done = run_flow("fanout_flow.py", env, work)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        before = read_latest_run("FanoutFlow", env, "total")
     finally:
         installer.down(**first)
     status = installer.status(**first)
     assert status.snapshot is not None and status.snapshot["generation"] is not None
+    last_generation = status.snapshot["generation"]
 
-    # The second machine shares only the snapshot folder (and the secrets, which live in MF_ROOT on Drive).
-    second = stack_flags(tmp_path / "machine1", registry)
-    second.update(snapshot_dir=str(shared_drive), pgdata_dir=str(tmp_path / "machine2-pgdata"))
+    # The second machine has MF_ROOT back (Drive), nothing else: no data folder, no images, no containers.
+    second = {**first, "pgdata_dir": str(tmp_path / "machine2" / "pgdata"),
+              "udocker_dir": str(tmp_path / "machine2" / "udocker")}
     try:
         status = installer.up(**second)
         assert status.running
-        assert status.restored is not None and "restored the database from snapshot" in status.restored
-        assert status.snapshot["generation"] in status.restored
-        with psycopg.connect(dsn(resolve(second), _db_password(second))) as conn:
-            assert conn.execute("SELECT body FROM notes WHERE id = 1").fetchone() == ("kept across machines",)
+        assert {s["step"]: s for s in status.steps}["images"]["detail"].startswith("pulled 2")
+        assert status.restored is not None
+        assert f"restored the database from snapshot {last_generation}" in status.restored
+        after = read_latest_run("FanoutFlow", env, "total")
+        assert after == before and after["artifact"] == 14
+        base = f"http://127.0.0.1:{resolve(second).port}/api/flows/FanoutFlow/runs/{before['id']}"
+        headers = {"x-api-key": installer.token(**second)}
+        assert requests.get(base, headers=headers, timeout=30).json()["data"]["status"] == "completed"
+        end_task = requests.get(f"{base}/steps/end/tasks", headers=headers, timeout=30).json()["data"][0]
+        artifacts = requests.get(f"{base}/steps/end/tasks/{end_task['task_id']}/artifacts", headers=headers,
+                                 params={"postprocess": "true", "_limit": "1000"}, timeout=60).json()["data"]
+        assert {a["name"]: a["content"] for a in artifacts}["total"] == "14"
     finally:
         installer.down(**second)
 
@@ -158,3 +168,29 @@ def test_monitor_restarts_what_dies(stack: dict) -> None:
     assert "snapshots: died; starting it again" in monitor_log
     # What did not die was left alone.
     assert now["postgres"][0] == first["postgres"] and now["metadata"][0] == first["metadata"]
+
+
+def test_up_returns_once_flows_can_be_tracked_and_status_tells_when_the_ui_is_ready(stack: dict) -> None:
+    status = installer.up(**stack)
+    assert status.running
+    steps = {step["step"]: step for step in status.steps}
+    assert steps["ui-backend"]["detail"].startswith("starting on port"), steps["ui-backend"]
+    assert steps["metadata"]["detail"].startswith("healthy on port")
+    base = f"http://127.0.0.1:{stack['port']}"
+    headers = {"x-api-key": installer.token(**stack)}
+    # Flows can be tracked now: the metadata API answers through the entry point.
+    assert requests.get(f"{base}/service/ping", headers=headers, timeout=10).text == "pong"
+    assert requests.get(f"{base}/healthz", timeout=10).json()["status"] == "ok"
+
+    deadline = time.monotonic() + float(stack["start_timeout"])
+    while not (now := installer.status(**stack)).ui_ready:
+        row = next(r for r in now.services if r.name == "ui-backend")
+        assert row.starting and now.running, row
+        assert time.monotonic() < deadline, "the UI backend never became ready"
+        time.sleep(0.5)
+    assert requests.get(f"{base}/api/ping", headers=headers, timeout=10).text == "pong"
+
+    installer.down(**stack)
+    waited = installer.up(wait_ui=True, **stack)
+    assert waited.running and waited.ui_ready
+    assert {s["step"]: s for s in waited.steps}["ui-backend"]["detail"].startswith("healthy on port")

@@ -39,7 +39,8 @@ from installer.tunnel import (
     tunnel_alive,
 )
 
-from .helpers_connect import ProxyStandIn, ServeBytes, free_port
+from . import helpers_proxy as hp
+from .helpers_connect import ServeBytes, free_port
 
 FAKE = Path(__file__).resolve().parent / "fake_cloudflared.py"
 LOOPBACK = r"http://127\.0\.0\.1:\d+"
@@ -47,16 +48,19 @@ TOKEN = "tunnel-token-123"
 
 
 @pytest.fixture()
-def origin() -> Iterator[ProxyStandIn]:
-    """The stack's entry point (a stand-in of the proxy; its /healthz is all the tunnel checks)."""
-    proxy = ProxyStandIn(TOKEN, free_port())
-    proxy.start()
+def origin(tmp_path: Path) -> Iterator[hp.ProxyProcess]:
+    """The stack's entry point, the real `python -m installer.proxy`, in front of a small HTTP server
+    that answers the metadata service's /ping (the tunnel checks the entry point's /healthz only)."""
+    backend = hp.start_upstream(tmp_path)
+    proxy = hp.start_proxy(tmp_path, metadata_url=backend.url, ui_url=backend.url,
+                           static_dir=hp.make_static_dir(tmp_path))
     yield proxy
     proxy.stop()
+    backend.stop()
 
 
 @pytest.fixture()
-def settings(tmp_path: Path, origin: ProxyStandIn) -> Settings:
+def settings(tmp_path: Path, origin: hp.ProxyProcess) -> Settings:
     return resolve({"root": str(tmp_path / "root"), "port": origin.port}, environ={})
 
 
@@ -91,7 +95,7 @@ def fakes_running() -> list[procs.ProcInfo]:
 # ---------------------------------------------------------------- discovery and the reachability gate
 
 def test_banner_url_is_discovered_and_the_stack_answers_through_it(settings: Settings, record: Path,
-                                                                   origin: ProxyStandIn,
+                                                                   origin: hp.ProxyProcess,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_CLOUDFLARED_FORWARD", "1")
     info = start_tunnel(settings, token=TOKEN, cloudflared=FAKE, url_pattern=LOOPBACK, url_timeout=30)
@@ -102,7 +106,7 @@ def test_banner_url_is_discovered_and_the_stack_answers_through_it(settings: Set
         assert start["argv"] == ["tunnel", "--no-autoupdate", "--url", f"http://127.0.0.1:{settings.port}",
                                  "--metrics", info.metrics]
         assert tunnel_alive(info)
-        assert requests.get(f"{info.url}/healthz", timeout=5).json() == {"status": "ok"}
+        assert requests.get(f"{info.url}/healthz", timeout=5).json() == {"status": "ok", "ui": "ready"}
         assert info.log == settings.log_path("tunnel")
         assert "Your quick Tunnel has been created" in info.log.read_text()
         connection = read_connection_file(settings.root)

@@ -1,1 +1,0 @@
-"""Metadata API stand-in (see server.py)."""

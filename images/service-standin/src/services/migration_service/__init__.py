@@ -1,1 +1,0 @@
-"""Holds migration_files/ (goose format) like the upstream image; no server here."""

@@ -1,1 +1,0 @@
-"""UI backend stand-in (see ui_server.py)."""

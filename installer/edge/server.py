@@ -1,0 +1,361 @@
+"""The entry point as a process: what admits a request, in order, and where it goes.
+
+For every request, in this order (each step refuses with a clear message):
+1. the connection: per-peer connection cap, head deadline, parseable HTTP (protocol.py);
+2. the shape: a path target, not TRACE/TRACK/CONNECT (routes.py);
+3. without access control: a loopback Host only (access.py);
+4. /healthz: answered here, nothing revealed;
+5. /s3/: the SigV4 gate (s3gate.py), which relays to the object store;
+6. credentials: `?token=` login, x-api-key or the session cookie, after the failure
+   throttle (access.py); cookie and open sessions: same Origin for writes and websockets;
+7. API routes: no dot segments or encoded separators, no body on GET/HEAD/OPTIONS,
+   `100 Continue` only now; then forward.py or websocket.py;
+8. the UI files (static.py).
+A refused request that declared a body is answered with `Connection: close` and
+its body is not read (no lingering): the client's bytes go nowhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .. import procs
+from ..errors import StackError
+from ..s3auth import ACCESS_KEY_ID, INTERNAL_ACCESS_KEY_ID, CredentialSource
+from ..secrets import read_or_create_secret
+from .access import (COOKIE_MAX_AGE, COOKIE_NAME, SAFE_METHODS, Client, FailureThrottle, Gate, TokenSource,
+                     is_websocket, loopback_host, same_origin)
+from .config import ProxyConfig, upstream_base, validate
+from .forward import Upstream, forward, request_headers, send_continue
+from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page, ui_starting_page
+from .protocol import ConnectionLimits, EdgeServer
+from .redact import Redactor, install
+from .routes import area, body_problem, declares_body, method_problem, path_problem
+from .s3gate import S3Gate
+from .static import StaticFiles
+from .websocket import relay_websocket
+
+__all__ = ["Edge", "build_app", "main", "serve"]
+
+log = logging.getLogger("installer.proxy")
+access_log = logging.getLogger("installer.proxy.access")
+
+_HEALTH_CACHE_S = 1.0
+
+
+class _AccessLogger(AbstractAccessLogger):
+    # The raw target goes in as sent: the redaction filter on the log handlers removes credentials.
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method, request.raw_path,
+                         response.status, response.body_length, time * 1000)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class Edge:
+    """The request handler: admission in the order of the module docstring, then routing."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.static = StaticFiles(config.static_dir)
+        self.metadata = Upstream("metadata service", upstream_base(config.metadata_url, "metadata service"),
+                                 "/ping")
+        self.ui = Upstream("UI backend", upstream_base(config.ui_backend_url, "UI backend"), "/api/ping")
+        tokens = None if config.no_auth or config.token_file is None else TokenSource(Path(config.token_file))
+        throttle = FailureThrottle(config.failure_delay_base, config.failure_delay_cap, config.failure_allowance,
+                                   global_per_s=config.global_failures_per_s,
+                                   global_burst=config.global_failure_burst)
+        self.gate = Gate(tokens, throttle, config.behind_tunnel)
+        self.s3_credentials: CredentialSource | None = None
+        self.s3: S3Gate | None = None
+        if config.s3_socket is not None:
+            self.s3_credentials = CredentialSource(None if config.no_auth else config.token_file,
+                                                   config.s3_internal_secret_file)
+            self.s3 = S3Gate(self.s3_credentials, self.gate, config.s3_max_body)
+        self.session: aiohttp.ClientSession | None = None
+        self.s3_session: aiohttp.ClientSession | None = None
+        self._readiness: dict[str, tuple[float, bool]] = {}
+        self._readiness_lock = asyncio.Lock()
+
+    def secrets(self) -> list[str]:
+        """Every credential value the log must never show."""
+        values = self.gate.secrets()
+        if self.s3_credentials is not None:
+            values += [s for s in (self.s3_credentials(ACCESS_KEY_ID), self.s3_credentials(INTERNAL_ACCESS_KEY_ID))
+                       if s]
+        return values
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.config.connect_timeout,
+                                        sock_read=self.config.read_timeout)
+        common = {"timeout": timeout, "auto_decompress": False, "cookie_jar": aiohttp.DummyCookieJar(),
+                  "trust_env": False, "raise_for_status": False}
+        # Idle pooled connections are dropped before common upstream keep-alive limits (5 s) expire, so a
+        # POST is never sent on a connection the upstream is closing (only idempotent requests are retried).
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.pool_size, limit_per_host=self.config.pool_size,
+                                           ttl_dns_cache=300, keepalive_timeout=4.0), **common)
+        if self.config.s3_socket is not None:
+            self.s3_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(self.config.s3_socket), limit=self.config.pool_size,
+                                                keepalive_timeout=4.0), **common)
+
+    async def stop(self) -> None:
+        for session in (self.session, self.s3_session):
+            if session is not None:
+                await session.close()
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._route(request)
+        if not response.prepared and response.status >= 400 and declares_body(request):
+            response.force_close()  # refused with a body, read or not: the connection ends with the refusal
+        return response
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]
+        if not path.startswith("/"):
+            # absolute-form ("GET http://host/...") and "*" targets are for forward proxies
+            return json_error(400, "request target must be a path")
+        where = area(path, self.s3 is not None)
+        problem = method_problem(request.method)
+        if problem and where != "s3":
+            return json_error(405, problem)
+        if self.config.no_auth and not loopback_host(request):
+            return json_error(421, "without access control this stack answers only to loopback host names "
+                              "(127.0.0.1, localhost, [::1]); open it by one of those")
+        if where == "healthz":
+            return await self.healthz()
+        client = self.gate.client(request)
+        if where == "s3":
+            assert self.s3 is not None and self.s3_session is not None
+            return await self.s3.handle(request, client, self.s3_session)
+        if where == "ui" and "token" in request.query and request.method in ("GET", "HEAD"):
+            return await self.token_login(request, client)
+        how = await self.authenticate(request, client)
+        if isinstance(how, web.StreamResponse):
+            return how
+        if how is None:
+            return self.deny(request, where)
+        if how != "key" and (request.method not in SAFE_METHODS or is_websocket(request)) \
+                and not same_origin(request):
+            return json_error(403, "cross-origin request refused")
+        if where in ("api", "service"):
+            return await self._to_api(request, client, where)
+        if request.method == "GET" and "text/html" in request.headers.get("Accept", "") \
+                and not await self._ready("ui"):
+            return ui_starting_page()
+        return await self.static.serve(request, path)
+
+    async def _to_api(self, request: web.BaseRequest, client: Client, where: str) -> web.StreamResponse:
+        assert self.session is not None
+        problem = path_problem(request.raw_path.split("?", 1)[0], api=True) or body_problem(request)
+        if problem:
+            return json_error(400, problem)
+        if where == "api" and is_websocket(request):
+            return await relay_websocket(request, self.ui, self.session,
+                                         request_headers(request, client, websocket=True))
+        refused = await send_continue(request)
+        if refused is not None:
+            return refused
+        if where == "api":
+            return await forward(request, self.ui, request.raw_path, self.session, request_headers(request, client))
+        rest = request.raw_path[len("/service"):]
+        if not rest.startswith("/"):
+            rest = "/" + rest
+        return await forward(request, self.metadata, rest, self.session, request_headers(request, client))
+
+    # -- access control --------------------------------------------------------------------------
+
+    def _too_many(self, retry: float) -> web.Response:
+        return json_error(429, "too many failed sign-in attempts on this stack; retry later",
+                          headers={"Retry-After": str(max(1, round(retry)))})
+
+    async def authenticate(self, request: web.BaseRequest, client: Client) -> str | web.Response | None:
+        """'key', 'cookie' or 'open' for an admitted request; None to refuse; a 429 when over budget."""
+        if self.gate.tokens is None:
+            return "open"
+        if "x-api-key" not in request.headers and COOKIE_NAME not in request.cookies:
+            return None
+        retry = await self.gate.before_check(client)
+        if retry is not None:
+            return self._too_many(retry)
+        return self.gate.check(request, client)
+
+    def deny(self, request: web.BaseRequest, where: str) -> web.Response:
+        if where == "ui" and "text/html" in request.headers.get("Accept", ""):
+            return login_page()
+        return json_response(401, {"error": "authentication required: missing or invalid access token",
+                                   "how_to_authenticate": HOW_TO_AUTHENTICATE},
+                             headers={"WWW-Authenticate": 'x-api-key realm="metaflow"'})
+
+    async def token_login(self, request: web.BaseRequest, client: Client) -> web.Response:
+        clean_query = [(k, v) for k, v in request.query.items() if k != "token"]
+        path = request.raw_path.split("?", 1)[0]
+        if path.startswith(("//", "/\\")):
+            path = "/"  # never let a crafted path turn the redirect into one to another host
+        location = path + ("?" + urlencode(clean_query) if clean_query else "")
+        if self.gate.tokens is None:
+            return web.Response(status=303, headers={"Location": location, "Referrer-Policy": "no-referrer"})
+        retry = await self.gate.before_check(client)
+        if retry is not None:
+            return self._too_many(retry)
+        cookie, valid = self.gate.token_matches(request.query.get("token", ""), client)
+        if not valid or cookie is None:
+            return login_page("That token is not valid for this stack (it may have been rotated).")
+        response = web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store",
+                                                     "Referrer-Policy": "no-referrer"})
+        response.set_cookie(COOKIE_NAME, cookie, max_age=COOKIE_MAX_AGE, path="/", httponly=True,
+                            samesite="Lax", secure=client.scheme == "https")
+        return response
+
+    # -- health ----------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _answers(upstream: Upstream, session: aiohttp.ClientSession) -> bool:
+        try:
+            async with session.get(upstream.url(upstream.health_path),
+                                   timeout=aiohttp.ClientTimeout(total=3)) as response:
+                await response.read()
+                return response.status < 500
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def _ready(self, part: str) -> bool:
+        """Whether the metadata service, the UI backend or the object store answers (cached briefly:
+        unauthenticated requests must not let anyone hammer the upstreams)."""
+        assert self.session is not None
+        async with self._readiness_lock:
+            now = time.monotonic()
+            known = self._readiness.get(part)
+            if known is None or now - known[0] > _HEALTH_CACHE_S:
+                if part == "s3":
+                    assert self.s3 is not None and self.s3_session is not None
+                    answers = await self._answers(self.s3.upstream, self.s3_session)
+                else:
+                    answers = await self._answers(self.metadata if part == "metadata" else self.ui, self.session)
+                known = self._readiness[part] = (time.monotonic(), answers)
+            return known[1]
+
+    async def healthz(self) -> web.Response:
+        # "ok" once flows can be tracked (metadata service and object store); the UI backend may still be
+        # starting, which the answer says.
+        parts = ["metadata", "ui"] + (["s3"] if self.s3 is not None else [])
+        ready = dict(zip(parts, await asyncio.gather(*(self._ready(part) for part in parts))))
+        ui = "ready" if ready.pop("ui") else "starting"
+        if all(ready.values()):
+            return json_response(200, {"status": "ok", "ui": ui})
+        return json_response(503, {"status": "degraded", "ui": ui})
+
+
+def build_app(config: ProxyConfig) -> Edge:
+    """The proxy's request handler (raises ConfigError for an unsafe or broken configuration)."""
+    validate(config)
+    if config.token_file is not None and not config.no_auth:
+        read_or_create_secret(Path(config.token_file))
+    return Edge(config)
+
+
+def _server(edge: Edge, config: ProxyConfig) -> EdgeServer:
+    return EdgeServer(edge.handle, limits=ConnectionLimits(config.head_deadline, config.connections_per_client),
+                      handler_cancellation=True, keepalive_timeout=config.idle_timeout, lingering_time=0,
+                      access_log_class=_AccessLogger, access_log=access_log,
+                      max_line_size=config.max_line_size, max_field_size=config.max_field_size,
+                      max_headers=config.max_headers)
+
+
+async def _serve(config: ProxyConfig) -> None:
+    edge = build_app(config)
+    install(Redactor(edge.secrets))
+    await edge.start()
+    runner = web.ServerRunner(_server(edge, config), handle_signals=False, shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen_host, config.listen_port, backlog=512, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await edge.stop()
+        raise StackError(f"the proxy cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror}",
+                         hint="another program holds the port; stop it or choose another port") from exc
+    if config.no_auth:
+        log.warning("!" * 72)
+        log.warning("ACCESS CONTROL IS OFF (--no-auth): anyone who reaches %s:%s can read and WRITE all "
+                    "run data. Use this only on a machine nobody else can reach.",
+                    config.listen_host, config.listen_port)
+        log.warning("!" * 72)
+    log.info("proxy listening on http://%s:%s (metadata service %s, UI backend %s, UI files %s%s)",
+             config.listen_host, config.listen_port, config.metadata_url, config.ui_backend_url, config.static_dir,
+             "; trusting the tunnel's Cf-Connecting-Ip from loopback" if config.behind_tunnel else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        await edge.stop()
+
+
+def serve(config: ProxyConfig) -> None:
+    """Run the proxy until SIGTERM or SIGINT."""
+    try:
+        import uvloop  # optional: a faster event loop where it is installed
+        run = getattr(uvloop, "run", asyncio.run)
+    except ImportError:
+        run = asyncio.run
+    run(_serve(config))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m installer.proxy",
+                                     description="Reverse proxy with access control in front of the Metaflow "
+                                                 "metadata service, UI backend and UI files.")
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--listen-port", type=int, default=7860)
+    parser.add_argument("--metadata-url", default="http://127.0.0.1:8080")
+    parser.add_argument("--ui-backend-url", default="http://127.0.0.1:8083")
+    parser.add_argument("--static-dir", required=True, type=Path, help="folder with the UI bundle (index.html)")
+    parser.add_argument("--token-file", type=Path, help="0600 file holding the access token (created if missing)")
+    parser.add_argument("--s3-socket", type=Path, help="the object store's unix socket: serve it under /s3/")
+    parser.add_argument("--s3-internal-secret-file", type=Path,
+                        help="0600 file with the stack-internal S3 secret (also accepted on /s3/)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="no access control; refused unless listening on a loopback address")
+    parser.add_argument("--behind-tunnel", action="store_true",
+                        help="a Cloudflare tunnel connects from loopback: take the client address from its "
+                             "Cf-Connecting-Ip header (and the scheme from X-Forwarded-Proto)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: returns the exit status."""
+    args = _parser().parse_args(argv)
+    config = ProxyConfig(listen_host=args.listen_host, listen_port=args.listen_port,
+                         metadata_url=args.metadata_url, ui_backend_url=args.ui_backend_url,
+                         static_dir=args.static_dir, token_file=args.token_file,
+                         no_auth=args.no_auth, behind_tunnel=args.behind_tunnel, s3_socket=args.s3_socket,
+                         s3_internal_secret_file=args.s3_internal_secret_file)
+    return procs.service_main(lambda: serve(config), quiet=["aiohttp"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
