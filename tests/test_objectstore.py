@@ -277,7 +277,7 @@ def test_health_says_degraded_while_the_store_is_down_and_s3_gets_502(own: S3Sta
         if health.status_code != 200 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert health.status_code == 503 and health.json() == {"status": "degraded"}
+    assert health.status_code == 503 and health.json() == {"status": "degraded", "ui": "ready"}
     assert signed(own, "GET", "/s3/").status_code == 502
     with pytest.raises(ObjectStoreDown):
         check_object_store(own.url, own.token, timeout=10)

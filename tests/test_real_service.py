@@ -102,7 +102,7 @@ def test_logs_then_artifacts_read_back_twice_and_after_a_restart(tracked: Simple
     assert read_logs_then_artifacts(tracked) == first
 
     assert "ui-backend" in installer.down(**tracked.flags)
-    assert installer.up(**tracked.flags).running
+    assert installer.up(wait_ui=True, **tracked.flags).running
     assert read_logs_then_artifacts(tracked) == first
 
     # The client on the remote side still reads the logs: viewing them in the UI consumed nothing.

@@ -119,7 +119,7 @@ def test_fresh_machine_restores_from_the_snapshot_folder(tmp_path: Path, registr
     second = {**first, "pgdata_dir": str(tmp_path / "machine2" / "pgdata"),
               "udocker_dir": str(tmp_path / "machine2" / "udocker")}
     try:
-        status = installer.up(**second)
+        status = installer.up(wait_ui=True, **second)
         assert status.running
         assert {s["step"]: s for s in status.steps}["images"]["detail"].startswith("pulled 2")
         assert status.restored is not None
