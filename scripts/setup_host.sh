@@ -14,8 +14,8 @@ say() { echo "[setup] $*"; }
 [[ "$(id -u)" == 0 ]] || { echo "[setup] run as root (apt-get, buildah and the registry need it)" >&2; exit 1; }
 
 # proot runs the containers; postgresql-15 and chromium are for the tests
-# (snapshot tests drive a native server, page tests a real browser).
-PACKAGES=(proot buildah docker-registry skopeo debootstrap umoci curl postgresql-15 postgresql-contrib chromium)
+# (snapshot tests drive a native server, page tests a real browser, fuse3 mounts the Drive-like test file system).
+PACKAGES=(proot buildah docker-registry skopeo debootstrap umoci curl postgresql-15 postgresql-contrib chromium fuse3 libfuse3-3)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
