@@ -109,6 +109,10 @@ def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
 
     def prepare_database(step_progress: Progress) -> str:
         _ensure_database(settings, secrets.db_password)
+        marker = snapshot.sequences_marker(settings.pgdata_dir)
+        if marker.exists():  # restored: ids the lost window handed out must not come again
+            snapshot.advance_sequences(dsn(settings, secrets.db_password, dbname="postgres"))
+            marker.unlink()
         report = schema.apply(dsn(settings, secrets.db_password), migrations_dir(settings, udocker), step_progress)
         applied = f"applied {len(report.applied)} migration(s)" if report.applied else "up to date"
         return f"schema version {report.version} ({applied})"

@@ -188,7 +188,7 @@ def start_writer(dsn: str, log_path: Path, rate: float, out: Path) -> int:
 
 
 def start_watcher(pgdata: Path, dest: Path, dsn: str, status: Path, out: Path, *,
-                  keep: int = 5, debounce: float = 1.0, max_delay: float = 5.0) -> int:
+                  keep: int = 5, debounce: float = 0.2, max_delay: float = 1.0) -> int:
     dsn_file = status.parent / "dsn"
     dsn_file.write_text(dsn + "\n")
     dsn_file.chmod(0o600)
