@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ class Uploader:
         self.reorder = reorder
         self.rng = random.Random(seed)
         self.heap: list[_Upload] = []
-        self.pending_per_stream: Counter[tuple[int, str]] = Counter()
+        self.streams: dict[tuple[int, str], deque[int]] = defaultdict(deque)  # pending seqs, oldest first
         self.where: dict[int, str] = {}          # inode -> its path in the backing folder
         self.lock = threading.Condition()
         self.seq = itertools.count()
@@ -94,7 +94,7 @@ class Uploader:
             item = _Upload(time.monotonic() + self.delay + self.rng.uniform(0, self.reorder), next(self.seq),
                            stream, kind, ino, path, spool)
             heapq.heappush(self.heap, item)
-            self.pending_per_stream[stream] += 1
+            self.streams[stream].append(item.seq)
             self.lock.notify_all()
 
     def pending(self) -> int:
@@ -110,7 +110,7 @@ class Uploader:
                     continue
             self._apply(item)
             with self.lock:
-                self.pending_per_stream[item.stream] -= 1
+                self.streams[item.stream].popleft()
                 self.done += 1
                 self.lock.notify_all()
 
@@ -122,9 +122,8 @@ class Uploader:
         chosen = None
         while self.heap and self.heap[0].due <= now:
             item = heapq.heappop(self.heap)
-            older = [other for other in skipped if other.stream == item.stream]
-            blocked = older or (item.kind == "data" and item.ino not in self.where and
-                                self.pending_per_stream[(item.ino, "name")] > 0)
+            blocked = self.streams[item.stream][0] != item.seq or (
+                item.kind == "data" and item.ino not in self.where and bool(self.streams[(item.ino, "name")]))
             if blocked:
                 skipped.append(item)
                 continue
@@ -140,7 +139,7 @@ class Uploader:
             for item in self.heap:
                 item.due = 0.0  # flush: upload now, still one file at a time and in stream order
             heapq.heapify(self.heap)
-            while self.heap or any(self.pending_per_stream.values()):
+            while self.heap or any(self.streams.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
