@@ -12,17 +12,28 @@ A snapshot, in one database session:
   1. a temporary physical replication slot pins the WAL from now on, so no segment the
      copy needs is recycled, whatever `wal_keep_size` is (the slot dies with the session);
   2. `pg_backup_start(label, fast => true)` gives the start LSN (a fresh checkpoint);
-  3. every data file is read in 1 MiB chunks; a chunk is stored once, compressed, under
-     blobs/<sha256 of its content>, so an unchanged chunk is never uploaded again;
+  3. every data file is read in 1 MiB chunks; a chunk is stored once, compressed, appended to
+     this snapshot's pack file(s), and found by its sha256 through the manifests' chunk index,
+     so an unchanged chunk is never uploaded again;
   4. `pg_backup_stop(wait_for_archive => false)` gives the stop LSN and backup_label;
   5. the WAL segments from start to stop go into the generation like data files;
   6. the manifest is written under tmp/, fsynced, read back and renamed into generations/.
 
+Between generations the watcher ships the WAL itself (`ship_wal`): every second or so under
+writes, the WAL flushed since the last piece goes into one small file, so a commit is on the
+destination within about a second instead of a snapshot's worth of seconds. Restore replays
+the generation and then the unbroken run of its WAL pieces.
+
 Layout of the destination (only published manifests are trusted by restore):
-  generations/<id>.json   manifest: files with sizes, sha256 and chunk list, LSNs, version
-  blobs/<2 hex>/<sha256>  zlib-compressed chunks
+  generations/<id>.json   manifest: files with sizes, sha256 and chunk list, chunk index, LSNs
+  packs/<id>-<n>.pack     zlib-compressed chunks, back to back (up to 64 MiB per pack)
+  wal/<id>/<lsn>.wal      WAL pieces shipped after generation <id>: a JSON header line, then zlib
   tmp/                    partial writes; emptied under the lock before and after each snapshot
-  .lock                   flock held while a snapshot is written or generations are pruned
+
+Google Drive costs a round trip per file operation and uploads asynchronously, in any order:
+so few, large files (packs rather than one file per chunk), small folders, and a restore that
+checks every file a generation needs (sizes, then checksums) before trusting it. The lock
+that serialises writers is a local file (Drive is no place for locks).
 """
 
 from __future__ import annotations
@@ -49,8 +60,10 @@ import psycopg
 from . import procs
 from .errors import SnapshotError
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)    # 1: one file per chunk under blobs/ (read, never written)
 CHUNK_SIZE = 1024 * 1024
+PACK_SIZE = 64 * 1024 * 1024
 DEFAULT_KEEP = 5
 LABEL = "metaflow-stack snapshot"
 
@@ -123,6 +136,9 @@ class RestoreReport:
     pg_version: str
     stop_lsn: str
     duration_s: float
+    wal_pieces: int = 0              # WAL pieces replayed on top of the generation
+    wal_reached: str | None = None   # the LSN the restored WAL reaches
+    wal_note: str | None = None      # why later WAL pieces were not used (a gap, a damaged piece)
 
 
 @dataclass
@@ -138,6 +154,8 @@ class SnapshotStatus:
     last_duration_s: float | None = None
     last_error: str | None = None    # the error of the last attempt, None once a snapshot succeeds again
     last_error_at: float | None = None
+    last_wal_at: float | None = None  # when WAL was last shipped (unix time)
+    wal_pieces: int = 0              # WAL pieces shipped by this watcher
     wakeups: int = 0                 # inotify wake-ups
     checks: int = 0                  # database change checks
     snapshots: int = 0
@@ -223,13 +241,20 @@ def _dest_error(dest: Path, exc: OSError) -> SnapshotError:
                          hint="check that the folder (Google Drive) is still mounted; the previous snapshot is intact")
 
 
+def lock_path(dest: Path) -> Path:
+    """The local lock file of a snapshot folder: same folder, same lock, for every process here."""
+    digest = hashlib.sha256(str(Path(dest).absolute()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mfstack-{os.getuid()}-locks" / f"snapshots-{digest}.lock"
+
+
 @contextmanager
 def _dest_lock(dest: Path, timeout: float, *, shared: bool = False) -> Iterator[None]:
     """Lock on the destination, released by the kernel if the holder dies: exclusive for writers,
     shared for restores (so nothing is pruned under them; skipped on a read-only folder)."""
-    path = dest / ".lock"
+    path = lock_path(dest)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         if shared:
             yield
@@ -273,33 +298,38 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 class _BlobStore:
-    def __init__(self, dest: Path) -> None:
+    """Chunks of one snapshot appended to its pack files; chunks already stored are reused."""
+
+    def __init__(self, dest: Path, pack_prefix: str = "") -> None:
         self.dest = dest
-        self.blobs = dest / "blobs"
+        self.packs = dest / "packs"
         self.tmp = dest / "tmp"
         self.generations = dest / "generations"
-        self.known: set[str] = set()
+        self.index: dict[str, list[Any]] = {}     # digest -> [pack, offset, length] (pack None: blobs/)
+        self.used: dict[str, list[Any]] = {}      # the part of the index this snapshot references
+        self.prefix = pack_prefix or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.handle: Any = None
+        self.pack_name = ""
+        self.pack_count = 0
         self.uploaded = 0
         self.new_chunks = 0
 
     def prepare(self) -> None:
-        for folder in (self.blobs, self.tmp, self.generations):
+        for folder in (self.packs, self.tmp, self.generations):
             folder.mkdir(exist_ok=True)
         self.clear_tmp()
+        for info in list_generations(self.dest):
+            if info.ok and info.manifest is not None:
+                self.index.update(_chunk_index(info.manifest))
 
     def clear_tmp(self) -> None:
         if self.tmp.is_dir():
             for entry in os.listdir(self.tmp):
                 _remove(self.tmp / entry)
 
-    def path(self, digest: str) -> Path:
-        return self.blobs / digest[:2] / digest
-
     def has(self, digest: str) -> bool:
-        if digest in self.known:
-            return True
-        if self.path(digest).is_file():
-            self.known.add(digest)
+        if digest in self.index:
+            self.used[digest] = self.index[digest]
             return True
         return False
 
@@ -308,17 +338,72 @@ class _BlobStore:
         if self.has(digest):
             return digest
         data = zlib.compress(raw, 1)
-        part = self.tmp / f"{digest}.part"
-        _write_durably(part, data)
-        if part.stat().st_size != len(data):
-            raise OSError(errno.EIO, f"short write of {part}")
-        target = self.path(digest)
-        target.parent.mkdir(exist_ok=True)
-        os.replace(part, target)
-        self.known.add(digest)
+        if self.handle is None or self.handle.tell() + len(data) > PACK_SIZE:
+            self.close_pack()
+            self.pack_count += 1
+            self.pack_name = f"{self.prefix}-{self.pack_count}.pack"
+            self.handle = open(self.packs / self.pack_name, "xb")
+        offset = self.handle.tell()
+        self.handle.write(data)
+        self.index[digest] = self.used[digest] = [self.pack_name, offset, len(data)]
         self.uploaded += len(data)
         self.new_chunks += 1
         return digest
+
+    def close_pack(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                handle.close()
+
+
+def _chunk_index(manifest: dict[str, Any]) -> dict[str, list[Any]]:
+    if manifest.get("format") == 1:
+        return {digest: [None, 0, 0] for entry in manifest["files"] for digest in entry["chunks"]}
+    return manifest["chunk_index"]
+
+
+class _ChunkReader:
+    """Reads chunks for a restore, keeping each pack open once."""
+
+    def __init__(self, dest: Path, index: dict[str, list[Any]]) -> None:
+        self.dest = dest
+        self.index = index
+        self.handles: dict[str, Any] = {}
+
+    def read(self, digest: str) -> bytes:
+        pack, offset, length = self.index.get(digest, [None, 0, 0])
+        if pack is None:
+            return _read_blob(self.dest, digest)
+        try:
+            handle = self.handles.get(pack)
+            if handle is None:
+                handle = self.handles[pack] = open(self.dest / "packs" / pack, "rb")
+            handle.seek(offset)
+            data = handle.read(length)
+        except FileNotFoundError:
+            raise _Corrupt(f"pack {pack} is missing") from None
+        except OSError as exc:
+            raise _Corrupt(f"pack {pack} cannot be read: {exc.strerror}") from None
+        return _check_chunk(data, digest, f"chunk {digest[:12]} in {pack}")
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+def _check_chunk(data: bytes, digest: str, what: str) -> bytes:
+    try:
+        raw = zlib.decompress(data)
+    except zlib.error:
+        raise _Corrupt(f"{what} is truncated or damaged") from None
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise _Corrupt(f"{what} does not match its checksum")
+    return raw
 
 
 def _remove(path: Path) -> None:
@@ -339,13 +424,7 @@ def _read_blob(dest: Path, digest: str) -> bytes:
         raise _Corrupt(f"chunk {digest[:12]} is missing") from None
     except OSError as exc:
         raise _Corrupt(f"chunk {digest[:12]} cannot be read: {exc.strerror}") from None
-    try:
-        raw = zlib.decompress(data)
-    except zlib.error:
-        raise _Corrupt(f"chunk {digest[:12]} is truncated or damaged") from None
-    if hashlib.sha256(raw).hexdigest() != digest:
-        raise _Corrupt(f"chunk {digest[:12]} does not match its checksum")
-    return raw
+    return _check_chunk(data, digest, f"chunk {digest[:12]}")
 
 
 # ----------------------------------------------------------------------------- taking a snapshot
@@ -406,7 +485,7 @@ def _store_file(store: _BlobStore, path: Path, rel: str, cache: SnapshotCache | 
     key = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
     if cache is not None:
         hit = cache.get(rel, key)
-        if hit is not None and all(store.has(digest) for digest in hit[2]):
+        if hit is not None and all([store.has(digest) for digest in hit[2]]):
             return {"path": rel, "size": hit[0], "sha256": hit[1], "chunks": list(hit[2])}
     read_start = time.time_ns()
     whole = hashlib.sha256()
@@ -471,6 +550,9 @@ def take_snapshot(dsn: str, pgdata: Path | str, dest: Path | str, keep: int = DE
             store.prepare()
             with _connect(dsn) as conn:
                 manifest = _copy(conn, pgdata, store, cache)
+            store.close_pack()
+            manifest["chunk_index"] = dict(sorted(store.used.items()))
+            manifest["manifest_sha256"] = _manifest_checksum(manifest)
             data = json.dumps(manifest, indent=1, sort_keys=True).encode()
             part = store.tmp / f"{manifest['id']}.json.part"
             _write_durably(part, data)
@@ -486,6 +568,7 @@ def take_snapshot(dsn: str, pgdata: Path | str, dest: Path | str, keep: int = DE
                                 hint="see the database log; the previous snapshot is intact") from exc
         finally:
             try:
+                store.close_pack()
                 store.clear_tmp()
                 if not published:
                     _collect_garbage(dest)  # frees what a failed attempt left, e.g. on a full drive
@@ -555,9 +638,8 @@ def _copy(conn: psycopg.Connection[Any], pgdata: Path, store: _BlobStore,
         "system_identifier": system_id, "timeline": timeline, "start_lsn": start_lsn, "stop_lsn": stop_lsn,
         "backup_label": labelfile, "tablespace_map": spcmapfile or "", "xact_snapshot": xact_row[0],
         "chunk_size": CHUNK_SIZE, "dirs": dirs, "files": files, "wal_segments": segments,
-        "size": sum(entry["size"] for entry in files),
+        "wal_segment_size": segment_size, "size": sum(entry["size"] for entry in files),
     }
-    manifest["manifest_sha256"] = _manifest_checksum(manifest)
     return manifest
 
 
@@ -570,7 +652,7 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise _Corrupt(f"manifest cannot be read: {exc.strerror}") from None
     except ValueError:
         raise _Corrupt("manifest is truncated or not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         raise _Corrupt("manifest has an unknown format")
     if manifest.get("manifest_sha256") != _manifest_checksum(manifest):
         raise _Corrupt("manifest does not match its checksum")
@@ -596,17 +678,46 @@ def list_generations(dest: Path | str, *, deep: bool = False) -> list[Generation
         manifest = None
         try:
             manifest = _load_manifest(path)
-            for entry in manifest["files"]:
-                for digest in entry["chunks"]:
-                    if deep:
-                        _read_blob(Path(dest), digest)
-                    elif not (Path(dest) / "blobs" / digest[:2] / digest).is_file():
-                        raise _Corrupt(f"chunk {digest[:12]} of {entry['path']} is missing")
+            _check_complete(Path(dest), manifest, deep)
         except _Corrupt as exc:
             found.append(_info(path, manifest, str(exc)))
             continue
         found.append(_info(path, manifest, None))
     return found
+
+
+def _check_complete(dest: Path, manifest: dict[str, Any], deep: bool) -> None:
+    """Raise _Corrupt unless every file the manifest needs is there in full (Drive may deliver a
+    manifest before its packs, or a pack's name before its content); `deep` reads every chunk."""
+    index = _chunk_index(manifest)
+    if deep:
+        reader = _ChunkReader(dest, index)
+        try:
+            for entry in manifest["files"]:
+                for digest in entry["chunks"]:
+                    reader.read(digest)
+        finally:
+            reader.close()
+        return
+    extents: dict[str, int] = {}
+    for entry in manifest["files"]:
+        for digest in entry["chunks"]:
+            location = index.get(digest)
+            if location is None:
+                raise _Corrupt(f"chunk {digest[:12]} of {entry['path']} is not in the chunk index")
+            pack, offset, length = location
+            if pack is None:
+                if not (dest / "blobs" / digest[:2] / digest).is_file():
+                    raise _Corrupt(f"chunk {digest[:12]} of {entry['path']} is missing")
+            else:
+                extents[pack] = max(extents.get(pack, 0), offset + length)
+    for pack, needed in sorted(extents.items()):
+        try:
+            size = (dest / "packs" / pack).stat().st_size
+        except FileNotFoundError:
+            raise _Corrupt(f"pack {pack} is missing (not uploaded yet?)") from None
+        if size < needed:
+            raise _Corrupt(f"pack {pack} is incomplete ({size} of {needed} bytes arrived)")
 
 
 def database_state(conn: psycopg.Connection[Any]) -> tuple[str, str]:
@@ -618,13 +729,23 @@ def database_state(conn: psycopg.Connection[Any]) -> tuple[str, str]:
 
 
 def newest_baseline(dest: Path | str, system_id: str) -> str | None:
-    """The database state the newest good generation of this cluster covers, if any."""
+    """The database state the newest good generation of this cluster and its last WAL piece cover."""
     try:
         newest = next((info for info in list_generations(dest) if info.ok), None)
     except OSError:
         return None
     if newest is None or newest.system_identifier != system_id:
         return None
+    folder = Path(dest) / "wal" / newest.id
+    try:
+        pieces = sorted(name for name in os.listdir(folder) if name.endswith(".wal"))
+    except OSError:
+        pieces = []
+    if pieces:
+        try:
+            return _read_piece(folder / pieces[-1])[0]["xact_snapshot"]
+        except _Corrupt:
+            pass
     return newest.xact_snapshot
 
 
@@ -654,15 +775,29 @@ def _prune(dest: Path, keep: int) -> list[str]:
 def _collect_garbage(dest: Path) -> None:
     """Delete chunks no published manifest references. Caller holds the lock."""
     referenced: set[str] = set()
+    packs: set[str] = set()
+    generations: set[str] = set()
     for path in (dest / "generations").glob("*.json"):
+        generations.add(path.stem)
         try:
             manifest = json.loads(path.read_bytes())
         except OSError:
             return  # a manifest we cannot read may still need its chunks: delete nothing
         except ValueError:
             continue  # truncated: unusable anyway
-        for entry in manifest.get("files", []) if isinstance(manifest, dict) else []:
+        if not isinstance(manifest, dict):
+            continue
+        for entry in manifest.get("files", []):
             referenced.update(entry.get("chunks", []))
+        packs.update(location[0] for location in manifest.get("chunk_index", {}).values())
+    if (dest / "packs").is_dir():
+        for name in os.listdir(dest / "packs"):
+            if name not in packs:
+                (dest / "packs" / name).unlink(missing_ok=True)
+    if (dest / "wal").is_dir():
+        for name in os.listdir(dest / "wal"):
+            if name not in generations:
+                _remove(dest / "wal" / name)
     blobs = dest / "blobs"
     if not blobs.is_dir():
         return
@@ -724,6 +859,8 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
         _remove(work)
         try:
             _materialize(dest, info.manifest, work)
+            pieces, reached, wal_note = _apply_wal_pieces(dest, info.manifest, work)
+            _seal(work)
         except _Corrupt as exc:
             _remove(work)
             skipped.append((info.id, str(exc)))
@@ -740,11 +877,13 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
             pgdata.rmdir()
         os.rename(work, pgdata)
         _fsync_dir(pgdata.parent)
+        sequences_marker(pgdata).write_text(f"restored from {info.id}\n")
         manifest = info.manifest
         return RestoreReport(generation=info.id, created=manifest["created"], pgdata=pgdata, skipped=skipped,
                              replaced=replaced, files=len(manifest["files"]), size=manifest["size"],
                              pg_version=manifest["pg_version"], stop_lsn=manifest["stop_lsn"],
-                             duration_s=time.monotonic() - started)
+                             duration_s=time.monotonic() - started, wal_pieces=pieces, wal_reached=reached,
+                             wal_note=wal_note)
     raise SnapshotError(f"no snapshot in {dest} could be restored: " +
                         "; ".join(f"{gid}: {why}" for gid, why in skipped),
                         hint="the snapshots are damaged; start with a fresh database or restore by hand")
@@ -761,21 +900,12 @@ def _materialize(dest: Path, manifest: dict[str, Any], work: Path) -> None:
     work.mkdir(mode=0o700)
     for rel in manifest["dirs"]:
         (work / rel).mkdir(mode=0o700, parents=True, exist_ok=True)
-    for entry in manifest["files"]:
-        target = work / entry["path"]
-        whole = hashlib.sha256()
-        size = 0
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            for digest in entry["chunks"]:
-                raw = _read_blob(dest, digest)
-                whole.update(raw)
-                size += len(raw)
-                handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
-            raise _Corrupt(f"{entry['path']} does not match its checksum")
+    reader = _ChunkReader(dest, _chunk_index(manifest))
+    try:
+        for entry in manifest["files"]:
+            _write_file(reader, entry, work / entry["path"])
+    finally:
+        reader.close()
     extras = {"backup_label": manifest["backup_label"], "tablespace_map": manifest["tablespace_map"]}
     for name, text in extras.items():
         if text:
@@ -784,12 +914,191 @@ def _materialize(dest: Path, manifest: dict[str, Any], work: Path) -> None:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
+
+
+def _write_file(reader: _ChunkReader, entry: dict[str, Any], target: Path) -> None:
+    whole = hashlib.sha256()
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        for digest in entry["chunks"]:
+            raw = reader.read(digest)
+            whole.update(raw)
+            size += len(raw)
+            handle.write(raw)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
+        raise _Corrupt(f"{entry['path']} does not match its checksum")
+
+
+def _seal(work: Path) -> None:
     # PostgreSQL refuses a data folder readable by others, whatever the umask was.
     for root, dirnames, filenames in os.walk(work):
         os.chmod(root, 0o700)
         for name in filenames:
             os.chmod(os.path.join(root, name), 0o600)
         _fsync_dir(Path(root))
+
+
+# ----------------------------------------------------------------------------- WAL pieces
+
+@dataclass
+class WalChain:
+    """The WAL shipped so far after one generation (kept by the watcher between pieces)."""
+    generation: str
+    timeline: int
+    segment_size: int
+    shipped_lsn: str           # everything before this LSN is on the destination
+    pieces: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def chain_after(generation: Generation, segment_size: int, timeline: int) -> WalChain:
+    """A chain that starts where the generation's WAL ends. pg_backup_stop ends with a WAL switch,
+    flushed before it returns, and the generation holds that segment whole: the next piece
+    starts at the next segment boundary."""
+    stop = _lsn(generation.stop_lsn)
+    start = stop if stop % segment_size == 0 else (stop // segment_size + 1) * segment_size
+    return WalChain(generation.id, timeline, segment_size, _lsn_text(start))
+
+
+def _lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def ship_wal(conn: psycopg.Connection[Any], pgdata: Path | str, dest: Path | str, chain: WalChain,
+             xact_snapshot: str) -> int:
+    """Write the WAL flushed since `chain.shipped_lsn` as one piece under wal/<generation>/;
+    return the bytes of WAL shipped (0: nothing new). `xact_snapshot` must have been read
+    before this call: every transaction it shows as finished is then in the shipped WAL."""
+    row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+    assert row is not None
+    start, end = _lsn(chain.shipped_lsn), _lsn(row[0])
+    if end <= start:
+        return 0
+    body = bytearray()
+    seg = chain.segment_size
+    for name in wal_segments(chain.timeline, chain.shipped_lsn, row[0], seg):
+        number = int(name[8:16], 16) * (0x1_0000_0000 // seg) + int(name[16:], 16)
+        lo, hi = max(start, number * seg), min(end, (number + 1) * seg)
+        with open(Path(pgdata) / "pg_wal" / name, "rb") as handle:
+            handle.seek(lo - number * seg)
+            data = handle.read(hi - lo)
+        if len(data) != hi - lo:
+            raise SnapshotError(f"WAL segment {name} is shorter than its flushed part",
+                                hint="the next snapshot starts a new generation")
+        body += data
+    header = {"generation": chain.generation, "start_lsn": chain.shipped_lsn, "end_lsn": row[0],
+              "timeline": chain.timeline, "segment_size": seg, "sha256": hashlib.sha256(body).hexdigest(),
+              "xact_snapshot": xact_snapshot}
+    folder = Path(dest) / "wal" / chain.generation
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Written once under its final name: a piece cut short fails its checksum and ends the chain.
+        fd = os.open(folder / f"{start:016X}.wal", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(json.dumps(header, sort_keys=True).encode() + b"\n" + zlib.compress(bytes(body), 1))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise _dest_error(Path(dest), exc) from exc
+    chain.shipped_lsn, chain.pieces, chain.bytes = row[0], chain.pieces + 1, chain.bytes + len(body)
+    return len(body)
+
+
+def _read_piece(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        data = path.read_bytes()
+        line, _, packed = data.partition(b"\n")
+        header = json.loads(line)
+        body = zlib.decompress(packed)
+    except OSError as exc:
+        raise _Corrupt(f"WAL piece {path.name} cannot be read: {exc.strerror}") from None
+    except (ValueError, zlib.error):
+        raise _Corrupt(f"WAL piece {path.name} is truncated (not uploaded in full?)") from None
+    if not isinstance(header, dict) or hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise _Corrupt(f"WAL piece {path.name} does not match its checksum")
+    return header, body
+
+
+def _apply_wal_pieces(dest: Path, manifest: dict[str, Any], work: Path) -> tuple[int, str, str | None]:
+    """Write the unbroken run of the generation's WAL pieces into work/pg_wal.
+    Returns (pieces used, LSN reached, why the rest was not used or None)."""
+    folder = dest / "wal" / manifest["id"]
+    names = sorted(os.listdir(folder)) if folder.is_dir() else []
+    seg = manifest.get("wal_segment_size") or 16 * 1024 * 1024
+    timeline = manifest["timeline"]
+    stop = _lsn(manifest["stop_lsn"])
+    expected = stop if stop % seg == 0 else (stop // seg + 1) * seg
+    used, stopped = 0, None
+    for name in names:
+        try:
+            start = int(name.removesuffix(".wal"), 16)
+        except ValueError:
+            continue
+        if start != expected:
+            stopped = f"WAL after {_lsn_text(expected)} is missing ({len(names) - used} later piece(s) not used)"
+            break
+        try:
+            header, body = _read_piece(folder / name)
+        except _Corrupt as exc:
+            stopped = f"{exc} ({len(names) - used - 1} later piece(s) not used)"
+            break
+        position = start
+        while position < start + len(body):
+            number = position // seg
+            offset = position - number * seg
+            take = min(seg - offset, start + len(body) - position)
+            path = work / "pg_wal" / wal_segments(timeline, _lsn_text(number * seg), _lsn_text(number * seg + 1),
+                                                  seg)[0]
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < seg:
+                    os.ftruncate(fd, seg)  # a segment is always whole; zeros end the WAL cleanly
+                os.pwrite(fd, body[position - start:position - start + take], offset)
+            finally:
+                os.close(fd)
+            position += take
+        expected = _lsn(header["end_lsn"])
+        used += 1
+    return used, _lsn_text(expected), stopped
+
+
+# ----------------------------------------------------------------------------- sequences after a restore
+
+SEQUENCE_GAP = 10_000
+
+
+def sequences_marker(pgdata: Path | str) -> Path:
+    """Left next to a restored data folder: its sequences must move on at the first start."""
+    pgdata = Path(pgdata)
+    return pgdata.parent / f".{pgdata.name}.advance-sequences"
+
+
+def advance_sequences(dsn: str, gap: int = SEQUENCE_GAP) -> int:
+    """Move every sequence of every database past what the lost window may have handed out:
+    to the next multiple of `gap` at least `gap` above its value. Returns how many moved.
+
+    Ids the dead runtime gave to runs that did not reach the snapshot folder may still be
+    held by notebooks (`Run('Flow/190')`) and by files in the object store; they must
+    never name another run."""
+    moved = 0
+    with _connect(dsn) as conn:
+        databases = [row[0] for row in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate")]
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    for name in databases:
+        with _connect(psycopg.conninfo.make_conninfo(**{**params, "dbname": name})) as conn:
+            for schema, seq, last, increment in conn.execute(
+                    "SELECT schemaname, sequencename, coalesce(last_value, start_value), increment_by"
+                    " FROM pg_sequences WHERE increment_by > 0").fetchall():
+                target = (last + gap) // gap * gap + gap
+                conn.execute("SELECT setval(format('%%I.%%I', %s::text, %s::text)::regclass, %s, false)",
+                             (schema, seq, target))
+                moved += 1
+    return moved
 
 
 # ----------------------------------------------------------------------------- status file

@@ -120,6 +120,10 @@ def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
 
     def prepare_database(step_progress: Progress) -> str:
         _ensure_database(settings, secrets.db_password)
+        marker = snapshot.sequences_marker(settings.pgdata_dir)
+        if marker.exists():  # restored: ids the lost window handed out must not come again
+            snapshot.advance_sequences(dsn(settings, secrets.db_password, dbname="postgres"))
+            marker.unlink()
         report = schema.apply(dsn(settings, secrets.db_password), migrations_dir(settings, udocker), step_progress)
         applied = f"applied {len(report.applied)} migration(s)" if report.applied else "up to date"
         return f"schema version {report.version} ({applied})"
@@ -146,18 +150,30 @@ def _ensure_database(settings: Settings, password: str) -> None:
             conn.execute(f'CREATE DATABASE "{DB_NAME}"')
 
 
+_LOCK_WAIT_S = 10.0
+
+
 @contextlib.contextmanager
 def _lock(settings: Settings, verb: str) -> Iterator[None]:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.state_dir / "stack.lock"
+    # On local disk, not in MF_ROOT: on Google Drive a lock is neither shared nor needed by the next runtime.
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.cache_dir / "stack.lock"
     with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise StackBusy(f"another command is already working on this stack ({holder})",
-                            hint="wait for it to finish, then try again") from None
+        # A short wait: the monitor holds the lock for each of its checks, which take longer when
+        # MF_ROOT is on Google Drive (a round trip per state file).
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise StackBusy(f"another command is already working on this stack ({holder})",
+                                hint="wait for it to finish, then try again") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"`{verb}`, pid {os.getpid()}")

@@ -10,8 +10,12 @@ the WAL insert position moves on an idle server). A wake-up is therefore confirm
 comparing `pg_current_snapshot()` with the one recorded by the last snapshot just before
 its stop: it only changes when a transaction that wrote something finished.
 
-Snapshots wait for `debounce` seconds without writes, but never more than `max-delay`
-seconds after the first write, so a steady load is still snapshotted every few seconds.
+Between generations the watcher ships WAL pieces (snapshot.ship_wal): a confirmed change
+costs one small file on the destination, so it is there within about a second. A new
+generation is taken when the chain of pieces grows long (pieces, bytes or age), when another
+process published a newer generation, or when the WAL cannot be followed (a reconnect loses
+the replication slot that pins it). Work waits for `debounce` seconds without writes, but
+never more than `max-delay` seconds after the first write.
 
 Safe to kill at any instant and restart: the state worth keeping is on the destination
 (the newest manifest holds the transaction snapshot it covers), a killed snapshot leaves
@@ -33,14 +37,16 @@ import psycopg
 from inotify_simple import INotify, flags
 
 from .errors import SnapshotError
-from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, database_state, newest_baseline,
-                       read_status, take_snapshot, write_status)
+from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, WalChain, chain_after, database_state,
+                       newest_baseline, read_status, ship_wal, take_snapshot, write_status)
 
 log = logging.getLogger("installer.watcher")
 
 _MASK = (flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM)
 _POLL_S = 60.0           # check the database even without wake-ups (inotify can overflow)
 _RETRY_S = (5.0, 120.0)  # back-off after a failed snapshot: first and longest wait
+# A new generation once the chain holds this much: bounds restore work (one file per piece).
+_CHAIN_PIECES, _CHAIN_BYTES, _CHAIN_AGE_S = 100, 64 * 1024 * 1024, 600.0
 
 
 class _Stop(BaseException):
@@ -49,7 +55,7 @@ class _Stop(BaseException):
 
 class Watcher:
     def __init__(self, pgdata: Path, dest: Path, dsn_file: Path, status_file: Path, *,
-                 keep: int = DEFAULT_KEEP, debounce: float = 1.0, max_delay: float = 5.0) -> None:
+                 keep: int = DEFAULT_KEEP, debounce: float = 0.2, max_delay: float = 1.0) -> None:
         self.pgdata = pgdata
         self.dest = dest
         self.dsn_file = dsn_file
@@ -60,6 +66,8 @@ class Watcher:
         self.cache = SnapshotCache()
         self.baseline: str | None = None
         self.conn: psycopg.Connection | None = None
+        self.chain: WalChain | None = None
+        self.slot: str | None = None  # temporary replication slot on self.conn: pins the chain's WAL
         self.watched: dict[int, Path] = {}
         self.status = _initial_status(_safe_read_status(status_file))
 
@@ -99,6 +107,7 @@ class Watcher:
                 if self.conn is None or self.conn.closed:
                     self.conn = psycopg.connect(self._dsn(), autocommit=True, connect_timeout=10,
                                                 application_name="mf-snapshot-watcher")
+                    self.chain = self.slot = None  # the old slot died with the old session
                 return database_state(self.conn)
             except psycopg.Error as exc:
                 if self.conn is not None:
@@ -119,8 +128,30 @@ class Watcher:
         if current == self.baseline:
             self._set_state("watching")
             return False
+        if self.chain is not None and self._chain_usable():
+            try:
+                shipped = ship_wal(self.conn, self.pgdata, self.dest, self.chain, current)
+                self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                                  (self.slot, self.chain.shipped_lsn))
+            except psycopg.Error as exc:
+                self.chain = None
+                raise SnapshotError(f"shipping WAL failed: {str(exc).strip()}") from exc
+            self.baseline = current
+            st = self.status
+            st.last_wal_at, st.wal_pieces = time.time(), st.wal_pieces + 1
+            st.last_error = st.last_error_at = None
+            log.info("shipped %d bytes of WAL after %s, up to %s", shipped, self.chain.generation,
+                     self.chain.shipped_lsn)
+            self._set_state("watching")
+            return True
         self._set_state("snapshotting")
+        self._reserve_wal()
         generation = take_snapshot(self._dsn(), self.pgdata, self.dest, self.keep, cache=self.cache)
+        assert self.conn is not None
+        row = self.conn.execute("SELECT (SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'),"
+                                " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+        assert row is not None
+        self.chain = chain_after(generation, row[0], row[1])
         self.baseline = generation.xact_snapshot
         st = self.status
         st.last_id, st.last_at, st.last_size = generation.id, time.time(), generation.size
@@ -131,6 +162,30 @@ class Watcher:
                  generation.uploaded, generation.duration_s)
         self._set_state("watching")
         return True
+
+    def _reserve_wal(self) -> None:
+        """A temporary slot, made before the generation: the WAL after it is kept until shipped."""
+        if self.slot is None and self.conn is not None:
+            name = f"mf_ship_{os.getpid()}"
+            try:
+                self.conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (name,))
+            except psycopg.Error as exc:
+                raise SnapshotError(f"cannot create the WAL shipping slot: {str(exc).strip()}",
+                                    hint="start PostgreSQL with -c max_replication_slots=10") from exc
+            self.slot = name
+
+    def _chain_usable(self) -> bool:
+        chain = self.chain
+        assert chain is not None
+        if self.slot is None or chain.pieces >= _CHAIN_PIECES or chain.bytes >= _CHAIN_BYTES or \
+                time.monotonic() - chain.started >= _CHAIN_AGE_S:
+            return False
+        try:  # a generation published by someone else (`snapshot`, `down`) supersedes our chain
+            newest = max((name for name in os.listdir(self.dest / "generations") if name.endswith(".json")),
+                         default="")
+        except OSError:
+            return False
+        return newest == f"{chain.generation}.json"
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
@@ -202,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn-file", type=Path, required=True, help="file holding the libpq connection string")
     parser.add_argument("--status-file", type=Path, required=True, help="JSON status written here")
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="generations to keep (default 5)")
-    parser.add_argument("--debounce", type=float, default=1.0, help="seconds without writes before a snapshot")
-    parser.add_argument("--max-delay", type=float, default=5.0,
+    parser.add_argument("--debounce", type=float, default=0.2, help="seconds without writes before a snapshot")
+    parser.add_argument("--max-delay", type=float, default=1.0,
                         help="most seconds between the first write and its snapshot under steady writes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -16,8 +16,8 @@ STAMP="$VENV/.mfstack-setup"
 say() { echo "[setup] $*"; }
 
 # proot runs the containers; postgresql-15 and chromium are for the tests
-# (snapshot tests drive a native server, page tests a real browser).
-PACKAGES=(proot buildah docker-registry skopeo debootstrap umoci curl postgresql-15 postgresql-contrib chromium)
+# (snapshot tests drive a native server, page tests a real browser, fuse3 mounts the Drive-like test file system).
+PACKAGES=(proot buildah docker-registry skopeo debootstrap umoci curl postgresql-15 postgresql-contrib chromium fuse3 libfuse3-3)
 
 # Everything a finished setup was made from: a change to any of it means setting up again.
 setup_key() {

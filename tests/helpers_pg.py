@@ -25,7 +25,8 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from installer import procs  # noqa: E402
-from installer.snapshot import REQUIRED_SETTINGS, list_generations, restore  # noqa: E402
+from installer.snapshot import (REQUIRED_SETTINGS, SnapshotStatus, advance_sequences, list_generations,  # noqa: E402
+                                read_status, restore)
 
 PG_BIN = Path(os.environ.get("MF_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "postgres"          # the OS user that owns test clusters (initdb refuses root)
@@ -153,11 +154,12 @@ class PgCluster:
 # ----------------------------------------------------------------------------- writer
 
 COUNTER_TABLE = ("CREATE TABLE IF NOT EXISTS counters (n bigint PRIMARY KEY, committed_at timestamptz NOT NULL,"
-                 " pad text NOT NULL)")
+                 " pad text NOT NULL, run_id bigserial UNIQUE)")
 
 
 def writer_main(dsn: str, log_path: str, rate: float) -> None:
-    """Insert 1, 2, 3... one transaction each; after each commit returns, log `n unix_time`."""
+    """Insert 1, 2, 3... one transaction each, each row taking a run id from a sequence (as the
+    metadata service does); after each commit returns, log `n unix_time run_id`."""
     with psycopg.connect(dsn) as conn, open(log_path, "a", buffering=1) as log:
         conn.execute(COUNTER_TABLE)
         conn.commit()
@@ -166,20 +168,23 @@ def writer_main(dsn: str, log_path: str, rate: float) -> None:
         next_at = time.monotonic()
         while True:
             n += 1
-            conn.execute("INSERT INTO counters VALUES (%s, clock_timestamp(), repeat('x', 200))", (n,))
+            run_id = conn.execute("INSERT INTO counters VALUES (%s, clock_timestamp(), repeat('x', 200)) "
+                                  "RETURNING run_id", (n,)).fetchone()[0]
             conn.commit()
-            log.write(f"{n} {time.time():.6f}\n")
+            log.write(f"{n} {time.time():.6f} {run_id}\n")
             next_at += period
             time.sleep(max(0.0, next_at - time.monotonic()))
 
 
-def read_writer_log(path: Path) -> dict[int, float]:
-    committed = {}
+def read_writer_log(path: Path) -> tuple[dict[int, float], int]:
+    """({n: commit time}, highest run id handed out)."""
+    committed, top_id = {}, 0
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) == 2:  # the last line may be cut by the kill
+        if len(parts) == 3:  # the last line may be cut by the kill
             committed[int(parts[0])] = float(parts[1])
-    return committed
+            top_id = max(top_id, int(parts[2]))
+    return committed, top_id
 
 
 def start_writer(dsn: str, log_path: Path, rate: float, out: Path) -> int:
@@ -188,7 +193,7 @@ def start_writer(dsn: str, log_path: Path, rate: float, out: Path) -> int:
 
 
 def start_watcher(pgdata: Path, dest: Path, dsn: str, status: Path, out: Path, *,
-                  keep: int = 5, debounce: float = 1.0, max_delay: float = 5.0) -> int:
+                  keep: int = 5, debounce: float = 0.2, max_delay: float = 1.0) -> int:
     dsn_file = status.parent / "dsn"
     dsn_file.write_text(dsn + "\n")
     dsn_file.chmod(0o600)
@@ -222,7 +227,8 @@ def template_cluster(base: Path) -> Path:
 
 
 def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[PgCluster, object]:
-    """Restore the newest good generation into a fresh folder and start PostgreSQL on it."""
+    """Restore the newest good generation into a fresh folder and start PostgreSQL on it;
+    sequences then move past the lost window, as the stack does at its first start."""
     target = workdir / name / "pgdata"
     target.parent.mkdir()
     target.parent.chmod(0o755)
@@ -230,6 +236,7 @@ def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[P
     chown_tree(target)
     cluster = PgCluster(target)
     cluster.start()
+    advance_sequences(cluster.dsn)
     return cluster, report
 
 
@@ -242,18 +249,29 @@ class RoundResult:
     generation: str
     skipped: list[tuple[str, str]]
     generations_published: int
+    wal_pieces: int = 0      # WAL pieces replayed on top of the generation
+    wal_note: str | None = None
+    mid_snapshot: bool = False
 
 
 def crash_round(base: Path, rng: random.Random, *, rate: float = 30.0, max_wait: float = 8.0,
-                keep: int = 5) -> RoundResult:
+                keep: int = 5, drive: dict | None = None) -> RoundResult:
     """Writer + watcher on a live server; SIGKILL all of it at a random instant; restore the
-    destination into a fresh folder; check it starts, passes amcheck and holds a gap-free prefix."""
+    destination into a fresh folder; check it starts, passes amcheck, holds a gap-free prefix and
+    hands out no run id twice. With `drive` (DriveMount settings) the destination is on the
+    Drive-like mount, which dies too: a new mount shows only what was uploaded."""
+    from tests.drivefs import DriveMount
+
     work = Path(tempfile.mkdtemp(prefix="round-", dir=base))
     work.chmod(0o755)
     source = PgCluster(work / "pgdata")
     shutil.copytree(template_cluster(base), source.datadir, symlinks=True)
     chown_tree(source.datadir)
     dest, status, log = work / "drive", work / "status.json", work / "writer.log"
+    mount = None
+    if drive is not None:
+        mount = DriveMount(work / "mnt", work / "google", seed=rng.randrange(1 << 30), **drive).start()
+        dest = mount.mountpoint / "snapshots"
     dest.mkdir()
     victims: list[int] = []
     restored_cluster: PgCluster | None = None
@@ -264,15 +282,22 @@ def crash_round(base: Path, rng: random.Random, *, rate: float = 30.0, max_wait:
         wait_for(lambda: log.exists() and log.stat().st_size > 0, 30, "the writer's first commit")
         watcher = start_watcher(source.datadir, dest, source.dsn, status, work / "watcher.out", keep=keep)
         victims.append(watcher)
-        wait_for(lambda: any(g.ok for g in list_generations(dest)), 60, "the first published snapshot")
+        uploaded = dest if mount is None else mount.backing / "snapshots"  # what would survive a death now
+        wait_for(lambda: any(g.ok for g in list_generations(uploaded)), 60, "the first published snapshot")
         time.sleep(rng.uniform(0.0, max_wait))
         everything = victims + [info.pid for pid in victims for info in procs.descendants(pid)] + source.pids()
+        mid_snapshot = (read_status(status) or SnapshotStatus()).state == "snapshotting"
+        if mount is not None and mount.proc is not None:
+            everything.append(mount.proc.pid)
         for pid in everything:  # back to back: as close to one instant as signals get
             procs.send(pid, signal.SIGKILL)
         if procs.wait_gone(everything, 10):
             raise AssertionError("processes survived SIGKILL")
+        if mount is not None:
+            mount.kill()
+            mount = mount.fresh()  # the new runtime's Drive
         published = len(list_generations(dest))
-        committed = read_writer_log(log)
+        committed, top_id = read_writer_log(log)
 
         started = time.monotonic()
         restored_cluster, report = start_restored(work, dest)
@@ -288,16 +313,24 @@ def crash_round(base: Path, rng: random.Random, *, rate: float = 30.0, max_wait:
         last_committed = max(committed, default=0)
         if top > last_committed + 1:  # +1: a commit may land just before the writer could log it
             raise AssertionError(f"restored counter {top} was never committed (writer saw up to {last_committed})")
+        with restored_cluster.connect() as conn:
+            next_id = conn.execute("SELECT nextval(pg_get_serial_sequence('counters', 'run_id'))").fetchone()[0] \
+                if rows else top_id + 1
+        if next_id <= top_id:
+            raise AssertionError(f"run id {next_id} handed out again (the dead runtime reached {top_id})")
         start_time = min(committed.values(), default=0.0)
         loss = (committed[last_committed] - committed.get(top, start_time)) if last_committed else 0.0
         return RoundResult(restored=top, committed=last_committed, loss_window_s=max(0.0, loss),
                            restore_s=restore_s, generation=report.generation, skipped=report.skipped,
-                           generations_published=published)
+                           generations_published=published, wal_pieces=report.wal_pieces,
+                           wal_note=report.wal_note, mid_snapshot=mid_snapshot)
     finally:
         procs.kill_tree([pid for pid in victims if procs.alive(pid)])
         source.stop()
         if restored_cluster is not None:
             restored_cluster.stop()
+        if mount is not None:
+            mount.kill()
         shutil.rmtree(work, ignore_errors=True)
 
 

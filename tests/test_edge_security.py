@@ -22,8 +22,7 @@ import requests
 from installer import procs
 from installer.objectstore import BUCKET
 from installer.proxy import COOKIE_NAME, cookie_value
-from installer.s3auth import UNSIGNED_PAYLOAD, credentials_for_token, secret_for_token, sign_headers
-from installer.secrets import read_or_create_secret
+from installer.s3auth import UNSIGNED_PAYLOAD, secret_for_token, sign_headers
 
 from . import helpers_edge as he
 from . import helpers_proxy as hp

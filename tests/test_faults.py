@@ -12,7 +12,7 @@ import pytest
 import installer
 from installer import runtime, stack
 from installer.errors import (ConfigError, ImageError, PortInUse, RuntimeUnavailable, ServiceFailed,
-                              StackBusy, StackError)
+                              StackError)
 from installer.settings import resolve
 
 from .conftest import free_port

@@ -15,8 +15,8 @@ import pytest
 
 from installer import procs
 from installer.errors import SnapshotError
-from installer.snapshot import (SnapshotCache, check_destination, list_generations, read_status, restore,
-                                take_snapshot)
+from installer.snapshot import (SnapshotCache, WalChain, chain_after, check_destination, list_generations,
+                                read_status, restore, ship_wal, take_snapshot)
 from tests.helpers_pg import REPO, PgCluster, make_workdir, start_restored, start_watcher, wait_for
 
 
@@ -60,9 +60,9 @@ def manifests(dest: Path) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in (dest / "generations").glob("*.json")}
 
 
-def unreferenced_chunks(dest: Path) -> set[str]:
-    referenced = {digest for m in manifests(dest).values() for entry in m["files"] for digest in entry["chunks"]}
-    stored = {path.name for path in (dest / "blobs").glob("*/*")}
+def unreferenced_packs(dest: Path) -> set[str]:
+    referenced = {location[0] for m in manifests(dest).values() for location in m["chunk_index"].values()}
+    stored = {path.name for path in (dest / "packs").iterdir()}
     return stored - referenced
 
 
@@ -127,7 +127,7 @@ def test_pruning_keeps_the_newest_n_and_their_chunks(pg: PgCluster, dest: Path, 
     listed = list_generations(dest, deep=True)
     assert [info.id for info in listed] == ids[:1:-1]
     assert all(info.ok for info in listed)
-    assert unreferenced_chunks(dest) == set()
+    assert unreferenced_packs(dest) == set()
     assert list((dest / "tmp").iterdir()) == []
     restored, report = start_restored(workdir, dest)
     try:
@@ -145,27 +145,28 @@ def test_corrupt_truncated_and_incomplete_generations_are_skipped(pg: PgCluster,
     g1, g2, g3, g4 = ids
     all_manifests = manifests(dest)
 
-    def own_chunk(gid: str) -> Path:
-        others = {d for other, m in all_manifests.items() if other != gid for e in m["files"] for d in e["chunks"]}
-        mine = [d for e in all_manifests[gid]["files"] for d in e["chunks"] if d not in others]
-        return dest / "blobs" / mine[0][:2] / mine[0]
+    def own_pack(gid: str) -> Path:
+        others = {loc[0] for other, m in all_manifests.items() if other != gid for loc in m["chunk_index"].values()}
+        mine = sorted({loc[0] for loc in all_manifests[gid]["chunk_index"].values()} - others)
+        return dest / "packs" / mine[0]
 
-    own_chunk(g4).unlink()                              # a chunk lost
-    chunk = own_chunk(g3)                               # a chunk cut short
-    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    own_pack(g4).unlink()                               # a pack lost
+    pack = own_pack(g3)                                 # a pack cut short (an upload not done)
+    pack.write_bytes(pack.read_bytes()[: pack.stat().st_size // 2])
     manifest = dest / "generations" / f"{g2}.json"      # a manifest cut short
     manifest.write_bytes(manifest.read_bytes()[:500])
 
     deep = {info.id: info for info in list_generations(dest, deep=True)}
     assert [gid for gid, info in deep.items() if info.ok] == [g1]
     assert "missing" in deep[g4].reason and "truncated or damaged" in deep[g3].reason
+    assert "incomplete" in list_generations(dest)[1].reason  # the quick check sees it by size
     assert "truncated" in deep[g2].reason
 
     restored, report = start_restored(workdir, dest)
     try:
         assert report.generation == g1
         assert [gid for gid, _ in report.skipped] == [g4, g3, g2]
-        assert "missing" in report.skipped[0][1] and "damaged" in report.skipped[1][1]
+        assert "missing" in report.skipped[0][1] and "incomplete" in report.skipped[1][1]
         assert item_ids(restored) == [1]
         restored.amcheck()
     finally:
@@ -210,17 +211,17 @@ def test_killed_snapshot_publishes_nothing_and_is_cleaned_next_time(pg: PgCluste
     with pg.connect() as conn:  # ~150 MB so that the copy takes long enough to be caught mid-way
         conn.execute("INSERT INTO items SELECT g, md5(random()::text) || md5(random()::text) "
                      "FROM generate_series(2, 1500000) g")
-    chunks_before = len(list((dest / "blobs").glob("*/*")))
+    packs_before = set((dest / "packs").iterdir())
     code = "import sys; from installer.snapshot import take_snapshot; take_snapshot(*sys.argv[1:4])"
     pid = procs.spawn([sys.executable, "-c", code, pg.dsn, str(pg.datadir), str(dest)],
                       log_path=workdir / "snapshot-proc.log", cwd=REPO)
-    wait_for(lambda: len(list((dest / "blobs").glob("*/*"))) >= chunks_before + 5, 60,
+    wait_for(lambda: any(p.stat().st_size > 5_000_000 for p in set((dest / "packs").iterdir()) - packs_before), 60,
              "the snapshot process to be mid-copy", poll=0.005)
     procs.send(pid, signal.SIGKILL)
     assert procs.wait_gone([pid], 10) == []
 
     assert [info.id for info in list_generations(dest)] == [first.id]
-    assert unreferenced_chunks(dest), "the killed snapshot should have left chunks behind"
+    assert unreferenced_packs(dest), "the killed snapshot should have left a pack behind"
     restored, report = start_restored(workdir, dest)
     try:
         assert report.generation == first.id and item_ids(restored) == [1]
@@ -230,7 +231,7 @@ def test_killed_snapshot_publishes_nothing_and_is_cleaned_next_time(pg: PgCluste
     second = take_snapshot(pg.dsn, pg.datadir, dest)
     assert [info.id for info in list_generations(dest)] == [second.id, first.id]
     assert list((dest / "tmp").iterdir()) == []
-    assert unreferenced_chunks(dest) == set()
+    assert unreferenced_packs(dest) == set()
 
 
 def test_check_destination_explains_what_is_wrong(workdir: Path) -> None:
@@ -269,12 +270,13 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
     watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
     try:
         wait_for(lambda: len(list_generations(dest)) == 1, 60, "the watcher's first snapshot")
-        insert(pg, 1, 2)
-        wait_for(lambda: len(list_generations(dest)) == 2, 60, "a snapshot after the insert")
+        insert(pg, 1, 2)  # shipped as a WAL piece after the first generation, not as a new generation
+        wait_for(lambda: (s := read_status(status_file)) and s.wal_pieces == 1, 60, "WAL shipped after the insert")
         wait_for(lambda: (read_status(status_file) or None) and read_status(status_file).state == "watching",
                  30, "the watcher to settle")
         before = read_status(status_file)
-        assert before is not None and before.snapshots == 2 and before.last_error is None
+        assert before is not None and before.snapshots == 1 and before.last_error is None
+        assert len(list_generations(dest)) == 1 and len(list((dest / "wal" / before.last_id).iterdir())) == 1
         assert before.last_id == list_generations(dest)[0].id and before.age_s is not None
 
         # Idle for 10 s, but with PostgreSQL writing files and WAL (a checkpoint): no snapshot.
@@ -286,7 +288,7 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
         after = read_status(status_file)
         assert lsn_after != lsn_before
         assert after is not None and after.wakeups > before.wakeups and after.checks > before.checks
-        assert after.snapshots == 2 and len(list_generations(dest)) == 2, procs.tail(out)
+        assert after.snapshots == 1 and after.wal_pieces == 1 and len(list_generations(dest)) == 1, procs.tail(out)
 
         # Killed and restarted: it finds nothing to do, then snapshots the next change.
         procs.send(watcher, signal.SIGKILL)
@@ -294,9 +296,9 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
         watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
         wait_for(lambda: read_status(status_file).pid == watcher and read_status(status_file).checks > 0, 30,
                  "the restarted watcher's first check")
-        assert len(list_generations(dest)) == 2
-        insert(pg, 3)
-        wait_for(lambda: len(list_generations(dest)) == 3, 60, "a snapshot by the restarted watcher")
+        assert len(list_generations(dest)) == 1
+        insert(pg, 3)  # the old chain's slot died with the old watcher: a new generation
+        wait_for(lambda: len(list_generations(dest)) == 2, 60, "a snapshot by the restarted watcher")
 
         procs.send(watcher, signal.SIGTERM)
         assert procs.wait_gone([watcher], 20) == []
@@ -308,5 +310,42 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
     restored, _ = start_restored(workdir, dest)
     try:
         assert item_ids(restored) == [1, 2, 3]
+    finally:
+        restored.stop()
+
+
+def ship(pg: PgCluster, dest: Path, chain: WalChain) -> None:
+    with pg.connect() as conn:
+        current = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        assert ship_wal(conn, pg.datadir, dest, chain, current) > 0
+
+
+def test_wal_pieces_are_replayed_up_to_the_first_gap(pg: PgCluster, dest: Path, workdir: Path) -> None:
+    with pg.connect() as conn:
+        segment, timeline = conn.execute("SELECT (SELECT setting::int FROM pg_settings WHERE name = "
+                                         "'wal_segment_size'), (SELECT timeline_id FROM pg_control_checkpoint())"
+                                         ).fetchone()
+        conn.execute("SELECT pg_create_physical_replication_slot('pin', true, false)")
+    generation = take_snapshot(pg.dsn, pg.datadir, dest)
+    chain = chain_after(generation, segment, timeline)
+    for item in (1, 2, 3):
+        insert(pg, item)
+        ship(pg, dest, chain)
+    pieces = sorted((dest / "wal" / generation.id).iterdir())
+    assert len(pieces) == 3
+
+    restored, report = start_restored(workdir, dest, "all-pieces")
+    try:
+        assert report.generation == generation.id and report.wal_pieces == 3 and report.wal_note is None
+        assert item_ids(restored) == [1, 2, 3]
+        restored.amcheck()
+    finally:
+        restored.stop()
+
+    pieces[1].write_bytes(pieces[1].read_bytes()[:40])  # its name arrived, its content not yet
+    restored, report = start_restored(workdir, dest, "gap")
+    try:
+        assert report.wal_pieces == 1 and "truncated" in report.wal_note and "1 later piece" in report.wal_note
+        assert item_ids(restored) == [1]
     finally:
         restored.stop()

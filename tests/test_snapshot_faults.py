@@ -36,6 +36,17 @@ def test_kill_everything_at_a_random_instant_then_restore(workdir: Path) -> None
         assert 0 <= result.restored <= result.committed + 1, f"round {number} (seed {seed}): {result}"
 
 
+def test_kill_everything_with_snapshots_on_a_drive_like_mount(workdir: Path) -> None:
+    """Drive's rules: 50 ms per operation, uploads delayed and reordered, lost with the runtime."""
+    seed = int(os.environ.get("MF_TEST_CRASH_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    for number in range(1, ROUNDS + 1):
+        result = crash_round(workdir, rng, max_wait=4, drive={"latency": 0.05, "upload_delay": 0.5,
+                                                            "reorder": 0.5})
+        assert result.generations_published >= 1, f"round {number} (seed {seed})"
+        assert 0 <= result.restored <= result.committed + 1, f"round {number} (seed {seed}): {result}"
+
+
 @pytest.fixture
 def small_drive(workdir: Path) -> Iterator[Path]:
     """A 20 MB file system: a drive that fills up. Fails (never skips) if it cannot be mounted."""
