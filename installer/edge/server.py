@@ -282,6 +282,7 @@ async def _serve(config: ProxyConfig) -> None:
     edge = build_app(config)
     # The log format names none of these; collecting them costs a syscall and lookups on every record.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+; unused before
     install(Redactor(edge.secrets))
     await edge.start()
     runner = web.ServerRunner(_server(edge, config), handle_signals=False, shutdown_timeout=config.shutdown_timeout)
