@@ -85,6 +85,7 @@ class TokenSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._stat_path = str(self.path)  # stat() on a str skips the os.fspath() of a Path, every request
         self._stamp: tuple[int, int, int] | None = None
         self._token: str | None = None
         self._cookie: str | None = None
@@ -93,7 +94,7 @@ class TokenSource:
     def current(self) -> tuple[str | None, str | None]:
         """(token, expected cookie value); (None, None) when there is no usable token: deny all."""
         try:
-            info = os.stat(self.path)
+            info = os.stat(self._stat_path)
         except OSError:
             self._forget("the token file is missing")
             return None, None

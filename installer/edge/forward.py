@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -28,7 +28,7 @@ from yarl import URL
 from .access import API_KEY_HEADER, COOKIE_NAME, Client
 from .pages import json_error
 
-__all__ = ["Upstream", "forward", "request_headers"]
+__all__ = ["SKIP_AUTO_HEADERS", "Upstream", "forward", "request_headers"]
 
 log = logging.getLogger("installer.proxy")
 
@@ -43,6 +43,10 @@ _NOT_FORWARDED_REQUEST = frozenset({"host", "expect", API_KEY_HEADER, "x-forward
 _NOT_FORWARDED_RESPONSE = frozenset({"set-cookie", "set-cookie2", "server"})
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                           "sec-websocket-protocol", "sec-websocket-accept"})
+_DROP_REQUEST = HOP_BY_HOP | _NOT_FORWARDED_REQUEST
+_DROP_RESPONSE = HOP_BY_HOP | _NOT_FORWARDED_RESPONSE
+# Set once on the upstream sessions: the client's own headers go upstream as sent, nothing of aiohttp's added.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,17 @@ class Upstream:
     name: str       # as a person says it: "metadata service"
     base: URL
     health_path: str
+    _prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_prefix", str(self.base))  # str(URL) is rebuilt on every call
 
     @property
     def where(self) -> str:
         return f"{self.base.host}:{self.base.port}"
 
     def url(self, raw_path_and_query: str) -> URL:
-        return URL(str(self.base) + raw_path_and_query, encoded=True)
+        return URL(self._prefix + raw_path_and_query, encoded=True)
 
     def down(self) -> web.Response:
         return json_error(502, f"{self.name} is not answering on {self.where}")
@@ -78,12 +86,16 @@ def _strip_session_cookie(value: str) -> str:
 def request_headers(request: web.BaseRequest, client: Client, *, websocket: bool = False,
                     keep: Iterable[str] = ()) -> CIMultiDict[str]:
     """Headers for the upstream request: end-to-end ones only, no credential of ours, X-Forwarded-* ours."""
-    items = list(request.headers.items())
-    drop = (HOP_BY_HOP | _NOT_FORWARDED_REQUEST | _connection_named(items)) - set(keep)
+    headers = request.headers
+    drop = _DROP_REQUEST
+    if "Connection" in headers:
+        drop = drop | _connection_named(headers.items())
+    if keep:
+        drop = drop - set(keep)
     if websocket:
         drop = drop | WS_HANDSHAKE
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
+    for name, value in headers.items():
         lowered = name.lower()
         if lowered in drop:
             continue
@@ -99,10 +111,12 @@ def request_headers(request: web.BaseRequest, client: Client, *, websocket: bool
 
 
 def _response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    items = list(upstream.headers.items())
-    drop = HOP_BY_HOP | _NOT_FORWARDED_RESPONSE | _connection_named(items)
+    headers = upstream.headers
+    drop = _DROP_RESPONSE
+    if "Connection" in headers:
+        drop = drop | _connection_named(headers.items())
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
+    for name, value in headers.items():
         if name.lower() not in drop:
             out.add(name, value)
     return out
@@ -115,7 +129,6 @@ async def forward(request: web.BaseRequest, upstream: Upstream, target: str, ses
     try:
         upstream_response = await session.request(
             request.method, upstream.url(target), headers=headers, data=body, allow_redirects=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             compress=None, chunked=None)
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
         log.warning("%s unreachable at %s: %s", upstream.name, upstream.where, exc.__class__.__name__)

@@ -100,13 +100,15 @@ class _EdgeProtocol(web_protocol.RequestHandler):
             self._head_timer = None
 
     def data_received(self, data: bytes) -> None:
-        if data and not self._in_request and self._head_timer is None and not self._force_close:
-            self._head_timer = self._loop.call_later(self._limits.head_deadline, self._head_expired)
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
             self._in_request = True
             self._cancel_head_timer()
+        elif data and not self._in_request and self._head_timer is None and not self._force_close:
+            # Armed only for a head still incomplete after this chunk (its first bytes came now):
+            # a head that arrives whole, the usual case, costs no timer.
+            self._head_timer = self._loop.call_later(self._limits.head_deadline, self._head_expired)
 
     def _head_expired(self) -> None:
         self._head_timer = None

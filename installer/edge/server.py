@@ -32,12 +32,12 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .. import procs
 from ..errors import StackError
-from ..s3auth import ACCESS_KEY_ID, INTERNAL_ACCESS_KEY_ID, CredentialSource
+from ..s3auth import INTERNAL_ACCESS_KEY_ID, CredentialSource, secret_for_token
 from ..secrets import read_or_create_secret
 from .access import (COOKIE_MAX_AGE, COOKIE_NAME, SAFE_METHODS, Client, FailureThrottle, Gate, TokenSource,
                      is_websocket, loopback_host, same_origin)
 from .config import ProxyConfig, upstream_base, validate
-from .forward import Upstream, forward, request_headers, send_continue
+from .forward import SKIP_AUTO_HEADERS, Upstream, forward, request_headers, send_continue
 from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page, ui_starting_page
 from .protocol import ConnectionLimits, EdgeServer
 from .redact import Redactor, install
@@ -87,16 +87,27 @@ class Edge:
             self.s3 = S3Gate(self.s3_credentials, self.gate, config.s3_max_body)
         self.session: aiohttp.ClientSession | None = None
         self.s3_session: aiohttp.ClientSession | None = None
+        self._s3_secret: tuple[str, str] | None = None
         self._readiness: dict[str, tuple[float, bool]] = {}
         self._readiness_lock = asyncio.Lock()
 
     def secrets(self) -> list[str]:
-        """Every credential value the log must never show."""
+        """Every credential value the log must never show (asked for every log record: one stat per file)."""
         values = self.gate.secrets()
         if self.s3_credentials is not None:
-            values += [s for s in (self.s3_credentials(ACCESS_KEY_ID), self.s3_credentials(INTERNAL_ACCESS_KEY_ID))
-                       if s]
+            # The token's S3 secret follows from the token just read, without a second look at its file.
+            token = values[0] if values else None
+            if token is not None:
+                values.append(self._s3_secret_for(token))
+            internal = self.s3_credentials(INTERNAL_ACCESS_KEY_ID)
+            if internal:
+                values.append(internal)
         return values
+
+    def _s3_secret_for(self, token: str) -> str:
+        if self._s3_secret is None or self._s3_secret[0] != token:
+            self._s3_secret = (token, secret_for_token(token))
+        return self._s3_secret[1]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -104,7 +115,7 @@ class Edge:
         timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.config.connect_timeout,
                                         sock_read=self.config.read_timeout)
         common = {"timeout": timeout, "auto_decompress": False, "cookie_jar": aiohttp.DummyCookieJar(),
-                  "trust_env": False, "raise_for_status": False}
+                  "trust_env": False, "raise_for_status": False, "skip_auto_headers": SKIP_AUTO_HEADERS}
         # Idle pooled connections are dropped before common upstream keep-alive limits (5 s) expire, so a
         # POST is never sent on a connection the upstream is closing (only idempotent requests are retried).
         self.session = aiohttp.ClientSession(
@@ -282,6 +293,9 @@ def _server(edge: Edge, config: ProxyConfig) -> EdgeServer:
 
 async def _serve(config: ProxyConfig) -> None:
     edge = build_app(config)
+    # The log format names none of these; collecting them costs a syscall and lookups on every record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+; unused before
     install(Redactor(edge.secrets))
     await edge.start()
     runner = web.ServerRunner(_server(edge, config), handle_signals=False, shutdown_timeout=config.shutdown_timeout)
