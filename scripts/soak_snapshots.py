@@ -4,11 +4,17 @@ instant, restore into a fresh folder, amcheck, gap-free counters".
 
     python scripts/soak_snapshots.py [--rounds 50] [--rate 30] [--max-wait 8] [--seed N]
                                      [--drive] [--latency 0.05] [--upload-delay 1] [--reorder 1]
+    python scripts/soak_snapshots.py --metaflow [--rounds 10] [--max-wait 20] [--registry URL]
 
 With --drive the snapshot folder is on the Drive-like FUSE mount (tests/drivefs.py) with that
 latency per operation and reordered uploads; the mount dies with everything else and the
 restore reads a new mount of what was uploaded. The write load is SQL (one row and one
 sequence-drawn run id per transaction), not Metaflow runs.
+
+With --metaflow each round is the whole stack (production images from the local registry) with a
+client running real flows back to back, all SIGKILLed at a random instant; a new machine (empty
+PGDATA, same MF_ROOT) restores, and the client's successful runs must be a prefix of those that
+finished, with no run id handed out twice (tests/helpers_soak.py).
 
 Prints restores succeeded, the data-loss window (commit time of the last committed row minus
 that of the last restored row) median and max, and the restore time median. Needs root and
@@ -31,6 +37,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers_pg import crash_round, make_workdir, require_pg15  # noqa: E402
 
 
+def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str) -> int:
+    from tests.conftest import stack_flags
+    from tests.helpers_soak import check_round, metaflow_round
+
+    rng = random.Random(seed)
+    base = make_workdir("mf-soak-metaflow-")
+    print(f"seed {seed}, {rounds} rounds of the whole stack with real runs, kill within {max_wait} s", flush=True)
+    windows, failures = [], 0
+    try:
+        for number in range(1, rounds + 1):
+            work = base / f"round-{number}"
+            try:
+                result = metaflow_round(work, stack_flags(work / "metaflow-stack", registry), rng, max_wait=max_wait)
+                check_round(result)
+            except Exception as exc:  # a failed round is a finding, not the end of the soak
+                failures += 1
+                print(f"round {number:3d}: FAILED {exc}", flush=True)
+                traceback.print_exc()
+                continue
+            windows.append(result.loss_window_s)
+            print(f"round {number:3d}: {len(result.finished)} runs finished, {len(result.restored)} restored, "
+                  f"next run id {result.next_id}, loss window {result.loss_window_s:5.2f} s", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(f"rounds good: {len(windows)}/{rounds}; no run id reused in any good round")
+    if windows:
+        print(f"data-loss window: median {statistics.median(windows):.2f} s, max {max(windows):.2f} s")
+    return 0 if not failures else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=50)
@@ -41,7 +79,11 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.05, help="Drive: seconds per file operation")
     parser.add_argument("--upload-delay", type=float, default=1.0, help="Drive: seconds before an upload")
     parser.add_argument("--reorder", type=float, default=1.0, help="Drive: random extra upload delay, 0..S")
+    parser.add_argument("--metaflow", action="store_true", help="the whole stack with real flows as the load")
+    parser.add_argument("--registry", default="http://127.0.0.1:5000", help="--metaflow: the local registry")
     args = parser.parse_args()
+    if args.metaflow:
+        return metaflow_soak(args.rounds, args.max_wait, args.seed, args.registry)
     require_pg15()
     rng = random.Random(args.seed)
     base = make_workdir("mf-soak-")

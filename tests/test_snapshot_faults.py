@@ -104,3 +104,15 @@ def test_full_drive_keeps_the_previous_generation_and_is_retried(workdir: Path, 
         if watcher is not None:
             procs.kill_tree([watcher])
         pg.stop()
+
+
+def test_a_stack_killed_during_real_runs_restores_a_prefix_of_them(tmp_path: Path, registry: str) -> None:
+    """The whole stack and a client running flows, SIGKILLed at once; a new machine restores."""
+    from .conftest import stack_flags
+    from .helpers_soak import check_round, metaflow_round
+
+    flags = stack_flags(tmp_path / "drive" / "metaflow-stack", registry)
+    result = metaflow_round(tmp_path, flags, random.Random(7), min_runs=2, max_wait=6.0)
+    check_round(result)
+    assert len(result.finished) >= 2
+    assert "restored the database from snapshot" in result.restore_note
