@@ -219,8 +219,9 @@ _TEMPLATE: dict[str, Path] = {}
 
 
 def template_cluster(base: Path) -> Path:
-    """A freshly initialised data folder, made once per process and copied for every round."""
-    if "path" not in _TEMPLATE:
+    """A freshly initialised data folder, made once per process (again if its folder was removed)
+    and copied for every round."""
+    if "path" not in _TEMPLATE or not _TEMPLATE["path"].is_dir():
         cluster = PgCluster.initdb(base / "template")
         _TEMPLATE["path"] = cluster.datadir
     return _TEMPLATE["path"]

@@ -31,7 +31,7 @@ def test_stack_starts_with_mf_root_on_drive_under_every_refusal(drive: DriveMoun
     root.parent.mkdir()
     stack.update(root=str(root), pgdata_dir=str(tmp_path / "local" / "pgdata"),
                  cache_dir=str(tmp_path / "local" / "cache"))
-    up = installer.up(**stack)
+    up = installer.up(wait_ui=True, **stack)
     assert up.running and all(s.healthy for s in up.services), up
 
     # Each refusal is in force on this very mount, and the stack started anyway.
