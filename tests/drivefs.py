@@ -644,3 +644,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def assert_refuses_like_drive(existing: Path) -> None:
+    """In the folder of `existing` (a file on the mount): no symlinks and no hard links (EOPNOTSUPP),
+    and chmod is accepted without effect (files stay -rw-------)."""
+    folder = existing.parent
+    for make, target in ((os.symlink, folder / "a-symlink"), (os.link, folder / "a-hard-link")):
+        try:
+            make(str(existing), str(target))
+        except OSError as exc:
+            assert exc.errno == errno.EOPNOTSUPP, (make.__name__, exc)
+        else:
+            raise AssertionError(f"{make.__name__} succeeded on the Drive-like mount")
+    os.chmod(existing, 0o755)
+    assert oct(os.stat(existing).st_mode & 0o777) == "0o600"
