@@ -568,9 +568,10 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
     """Start `service` unless it runs healthy; `started` collects what was started here."""
     settings = stack.settings
     pid = _live_pid(settings, service.name)
-    if pid is not None and not healthy(service.health) and _within_start_up(settings, service):
+    answers = pid is not None and healthy(service.health)
+    if pid is not None and not answers and _within_start_up(settings, service, _recorded(settings, service.name)):
         return "already starting"
-    if pid is not None and healthy(service.health):
+    if answers:
         detail = "already running"
     else:
         if pid is not None:
@@ -644,9 +645,8 @@ def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path
                              f"machine a longer {_flag_of('start_timeout')} may help")
 
 
-def _within_start_up(settings: Settings, service: Service) -> bool:
-    """A service `up` does not wait for, started less than its start-up time ago."""
-    data = _recorded(settings, service.name)
+def _within_start_up(settings: Settings, service: Service, data: dict | None) -> bool:
+    """A service `up` does not wait for, started (as `data`, its record, says) less than its start-up time ago."""
     return (not service.awaited and data is not None
             and time.time() - data.get("started", 0) < settings.start_timeout)
 
@@ -782,7 +782,7 @@ def _status(settings: Settings, stack: _Stack) -> StackStatus:
             state = "stopped"
         is_healthy = pid is not None and healthy(service.health, timeout=2.0)
         uptime = time.time() - data["started"] if pid is not None and data else None
-        starting = not is_healthy and pid is not None and _within_start_up(settings, service)
+        starting = not is_healthy and pid is not None and _within_start_up(settings, service, data)
         rows.append(ServiceStatus(service.name, service.title, state, pid, service.port, is_healthy,
                                   None if uptime is None else round(uptime, 1),
                                   str(settings.log_path(service.name)), starting))
