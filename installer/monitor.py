@@ -4,7 +4,9 @@
 
 Started by `up` as the last service and stopped first by `down`. It reads the
 settings `up` saved under MF_ROOT (anew each round), checks every few seconds, and gives up on a
-service that keeps dying (its log says why) rather than restarting it forever.
+service that keeps dying (its log says why) rather than restarting it forever. A check reads the
+recorded pids only; the rest of the stack's code is loaded the first time something needs restarting,
+so that an idle monitor stays a small process.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import sys
 import time
 from collections import defaultdict, deque
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from . import stack
+from . import state, tunnel
 from .errors import StackError
-from .settings import resolve
+from .settings import Settings, resolve
+
+if TYPE_CHECKING:
+    from .stack import Event
 
 CHECK_EVERY = 2.0
 MAX_RESTARTS = 5
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     history: dict[str, deque[float]] = defaultdict(deque)
     given_up: set[str] = set()
 
-    def report(event: stack.Event) -> None:
+    def report(event: Event) -> None:
         log.info("%s: %s", event.step, event.message)
 
     log.info("watching the stack at %s", args.root)
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # Read each time: `up` saves the settings only once everything, this monitor too, is up.
             settings = resolve({"root": args.root})
+            if not _something_died(settings, given_up):
+                continue
+            from . import stack
+
             restarted = stack.restart_dead(settings, report, skip=given_up)
         except StackError as exc:
             log.error("restart failed: %s", exc)
@@ -64,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                 given_up.add(name)
                 log.error("%s died %d times in %d minutes: no more restarts; read %s",
                           name, len(times), WINDOW // 60, settings.log_path(name))
+
+
+def _something_died(settings: Settings, given_up: set[str]) -> bool:
+    if state.dead(settings, skip=given_up | {"monitor"}):
+        return True
+    recorded_tunnel = tunnel.read_tunnel_state(settings) if settings.tunnel and "tunnel" not in given_up else None
+    return recorded_tunnel is not None and not tunnel.tunnel_alive(recorded_tunnel)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,20 @@ def descendants(pid: int, processes: Iterable[ProcInfo] | None = None) -> list[P
     return found
 
 
+def with_environment(name: str, value: str) -> list[ProcInfo]:
+    """Every living process whose environment has `name=value` (children inherit it, orphans too)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for info in all_processes():
+        try:
+            with open(f"/proc/{info.pid}/environ", "rb") as handle:
+                if wanted in handle.read().split(b"\0"):
+                    found.append(info)
+        except OSError:
+            continue
+    return found
+
+
 def group_members(pgid: int) -> list[ProcInfo]:
     return [info for info in all_processes() if info.pgid == pgid]
 

@@ -1,14 +1,16 @@
 """Containers without Docker: udocker, with its own engine or Debian's proot.
 
 udocker keeps images and containers as plain folders under UDOCKER_DIR and runs
-a container as an ordinary process tree (udocker -> proot -> the guest), so a
-service is a long-lived `udocker run` started detached by the stack. This module
-knows udocker's command line and folder layout; nothing else does.
+a container as an ordinary process tree (proot -> the guest), so a service is a
+long-lived `udocker run` started detached by the stack, in a process that becomes
+proot once udocker has set it up (installer/udocker_exec.py). This module knows
+udocker's command line and folder layout; nothing else does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -139,7 +141,8 @@ class Udocker:
 
         Secrets go in `env_file` (0600) so that they show neither in `ps` nor in logs.
         """
-        args = ["run", "--nobanner", "--user=root"]
+        # --containerauth: the container's own users (root, postgres), and no temporary passwd files.
+        args = ["run", "--nobanner", "--containerauth", "--user=root"]
         if env_file:
             args.append(f"--env-file={env_file}")
         if workdir:
@@ -148,7 +151,10 @@ class Udocker:
             args.append(f"--volume={host}:{guest}")
         for key, value in (env or {}).items():
             args.append(f"--env={key}={value}")
-        return self.command(*args, container, *argv)
+        if importlib.util.find_spec("udocker") is None:  # udocker installed for another Python
+            return self.command(*args, container, *argv)
+        # udocker's own command line, in a process that becomes proot rather than waiting for it.
+        return [sys.executable, "-m", "installer.udocker_exec", "--allow-root", *args, container, *argv]
 
 
 def container_name(service: str, ref: str) -> str:

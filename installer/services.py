@@ -9,6 +9,7 @@ walks the list backwards.
 from __future__ import annotations
 
 import enum
+import hashlib
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ UI_BUNDLE_IN_IMAGE = "root/services/ui_backend_service/ui"
 # Our sitecustomize for the UI backend's Pythons (see installer/ui_backend_site), mounted read-only.
 UI_BACKEND_SITE = Path(__file__).resolve().parent / "ui_backend_site"
 UI_BACKEND_SITE_IN_GUEST = "/opt/mfstack-ui-backend-site"
+# Set in every container's environment, so that its processes can be found when they outlive their
+# proot (Debian's proot has no --kill-on-exit): the stack stops them before it starts that service again.
+GUEST_TAG = "MFSTACK_GUEST"
 
 # PostgreSQL settings: loopback only, WAL kept usable for base backups (snapshots),
 # and sized for a small notebook VM.
@@ -39,6 +43,8 @@ PG_SETTINGS: Mapping[str, str] = {
     "full_page_writes": "on",
     "shared_buffers": "128MB",
     "max_connections": "60",
+    # No logical replication here: without workers, PostgreSQL starts no launcher process for them.
+    "max_logical_replication_workers": "0",
     "password_encryption": "scram-sha-256",
 }
 
@@ -51,7 +57,10 @@ UI_BACKEND_TUNING: Mapping[str, str] = {
     "CACHE_DAG_STORAGE_LIMIT": "64000000",
     "CACHE_LOG_STORAGE_LIMIT": "64000000",
     "PREFETCH_RUNS_LIMIT": "1",
-    "MF_METADATA_DB_POOL_MIN": "1",
+    # The UI backend opens five pools (queries, cache, listen/notify, heartbeats, websockets); with a
+    # minimum of 0 each connects when first used instead of holding an idle PostgreSQL backend
+    # (~18 MiB each) from the start.
+    "MF_METADATA_DB_POOL_MIN": "0",
     "MF_METADATA_DB_POOL_MAX": "4",
 }
 
@@ -89,6 +98,7 @@ class Service:
     container: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     guest_marker: str | None = None
+    guest_tag: str | None = None  # the value of GUEST_TAG in a container's environment
     secret_files: Mapping[Path, str] = field(default_factory=dict)  # written 0600 before start, never in argv
     host_dirs: tuple[Path, ...] = ()  # bind-mounted folders that must exist before start
     depends_on: tuple[str, ...] = ()
@@ -112,6 +122,11 @@ class Secrets:
 def dsn(settings: Settings, password: str, dbname: str = DB_NAME) -> str:
     return (f"host=127.0.0.1 port={settings.db_port} user={DB_USER} password={password} "
             f"dbname={dbname} connect_timeout=5")
+
+
+def guest_tag(settings: Settings, name: str) -> str:
+    root = hashlib.sha256(str(settings.root.resolve()).encode()).hexdigest()[:12]
+    return f"{root}/{name}"
 
 
 def service_container(settings: Settings) -> str:
@@ -208,13 +223,15 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         container=postgres_container(settings),
         argv=tuple(udocker.run_argv(
             postgres_container(settings), ["/bin/bash", "-c", _postgres_script()],
-            env={"MFSTACK_DB_PORT": str(settings.db_port)}, env_file=pg_env_file,
+            env={"MFSTACK_DB_PORT": str(settings.db_port), GUEST_TAG: guest_tag(settings, "postgres")},
+            env_file=pg_env_file,
             volumes=[(settings.pgdata_dir, PG_GUEST_DATA)])),
         secret_files={pg_env_file: _env_file({"MFSTACK_DB_PASSWORD": secrets.db_password})},
         host_dirs=(settings.pgdata_dir,),
         health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres"),
                       ready_file=settings.pgdata_dir / "postmaster.pid"),
         stop=StopPolicy.POSTMASTER,
+        guest_tag=guest_tag(settings, "postgres"),
         on_ready=hooks.prepare_database,
         before_stop=hooks.final_snapshot,
     )
@@ -227,13 +244,15 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(udocker.run_argv(
             service_box, [SERVICE_PYTHON, "-m", "services.metadata_service.server"],
             env={**_database_env(settings), "MF_METADATA_HOST": "127.0.0.1",
-                 "MF_METADATA_PORT": str(settings.metadata_port)}, env_file=db_env_file,
+                 "MF_METADATA_PORT": str(settings.metadata_port), GUEST_TAG: guest_tag(settings, "metadata")},
+            env_file=db_env_file,
             volumes=[(settings.datastore_dir, datastore)], workdir="/root")),
         secret_files=db_secret,
         host_dirs=(settings.datastore_dir,),
         health=Health("http", f"http://127.0.0.1:{settings.metadata_port}/ping", expect="pong"),
         stop=StopPolicy.GUEST_TERM,
         guest_marker="services.metadata_service.server",
+        guest_tag=guest_tag(settings, "metadata"),
         depends_on=("postgres",),
     )
     ui_backend = Service(
@@ -253,13 +272,15 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                  "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
                  "PYTHONPATH": f"{UI_BACKEND_SITE_IN_GUEST}:/root", **s3_plain,
                  # Runs made with the local datastore stay readable at the path they recorded.
-                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore}, env_file=ui_env_file,
+                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore, GUEST_TAG: guest_tag(settings, "ui-backend")},
+            env_file=ui_env_file,
             volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache)),
                      (UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST)])),
         secret_files={ui_env_file: _env_file({"MF_METADATA_DB_PSWD": secrets.db_password, **s3_secret})},
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
+        guest_tag=guest_tag(settings, "ui-backend"),
         depends_on=("postgres",),
         # Flows need only PostgreSQL, the metadata service, the object store and the entry point: `up`
         # returns once those answer, and the entry point shows a "UI starting" page until this one does.
@@ -283,7 +304,9 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(proxy_argv),
         health=Health("http", f"http://127.0.0.1:{settings.port}/healthz", expect="ok"),
         stop=StopPolicy.HOST_TERM,
-        depends_on=("metadata", "objectstore"),
+        # Started beside the metadata service, not after it: its health check answers "ok" only once
+        # the metadata service and the object store answer through it, so `up` waits for both anyway.
+        depends_on=("objectstore",),
     )
     objectstore = Service(
         name="objectstore",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -23,11 +22,11 @@ from pathlib import Path
 import psycopg
 import requests
 
-from . import humanize, objectstore, procs, runtime, schema, snapshot, tunnel
+from . import humanize, objectstore, procs, runtime, schema, snapshot, state, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .secrets import read_or_create_secret, write_secret
-from .services import (DB_NAME, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
+from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
                        migrations_dir, service_container, snapshot_status_file, waves)
 from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
@@ -185,41 +184,7 @@ def _lock(settings: Settings, verb: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# --- recorded state ------------------------------------------------------------
-
-
-def _state_file(settings: Settings, name: str) -> Path:
-    return settings.state_dir / f"{name}.json"
-
-
-def _recorded(settings: Settings, name: str) -> dict | None:
-    try:
-        return json.loads(_state_file(settings, name).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _record(settings: Settings, service: Service, pid: int) -> None:
-    info = procs.proc_info(pid)
-    data = {"pid": pid, "started": time.time(), "start_ticks": info.start_ticks if info else None,
-            "boot_id": procs.boot_id()}
-    tmp = _state_file(settings, service.name).with_suffix(".tmp")
-    with procs.open_private(tmp) as handle:
-        handle.write(json.dumps(data))
-    tmp.replace(_state_file(settings, service.name))
-
-
-def _live_pid(settings: Settings, name: str) -> int | None:
-    """The recorded pid if that very process still runs (not a recycled pid)."""
-    data = _recorded(settings, name)
-    if not data:
-        return None
-    if data.get("boot_id") != procs.boot_id():
-        return None  # recorded on another machine, or before a reboot: MF_ROOT may live on Drive
-    info = procs.proc_info(int(data["pid"]))
-    if info is None or (data.get("start_ticks") is not None and info.start_ticks != data["start_ticks"]):
-        return None
-    return info.pid
+# --- health -------------------------------------------------------------------
 
 
 def healthy(check: Health, timeout: float = 3.0) -> bool:
@@ -353,17 +318,17 @@ def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter)
         stopped.append("tunnel")
     order = [s.name for s in stack.services]
     for service in sorted(started, key=lambda s: order.index(s.name), reverse=True):
-        pid = _live_pid(settings, service.name)
+        pid = state.live_pid(settings, service.name)
         if pid is not None:
             say(Event(service.name, "stopping"))
             began = time.monotonic()
             with contextlib.suppress(StackError):
                 _stop(stack, service, pid)
             say(Event(service.name, "stopped again: this `up` had started it", time.monotonic() - began))
-        if _live_pid(settings, service.name) is None:
-            _state_file(settings, service.name).unlink(missing_ok=True)
+        if state.live_pid(settings, service.name) is None:
+            state.forget(settings, service.name)
             stopped.append(service.name)
-    left = [s.name for s in stack.services if _live_pid(settings, s.name) is not None]
+    left = [s.name for s in stack.services if state.live_pid(settings, s.name) is not None]
     parts = []
     if stopped:
         parts.append(f"`up` stopped what it had started ({', '.join(stopped)})")
@@ -393,7 +358,7 @@ def _preflight(stack: _Stack) -> str:
         except StackError as exc:
             problems.append(exc)
 
-    not_running = [s for s in stack.services if _live_pid(settings, s.name) is None]
+    not_running = [s for s in stack.services if state.live_pid(settings, s.name) is None]
     for service in not_running:
         check(lambda s=service: _check_port(settings, s))
     for folder, name in ((settings.pgdata_dir, "pgdata_dir"), (settings.cache_dir, "cache_dir")):
@@ -501,9 +466,9 @@ def _restart_dead(settings: Settings, report: Reporter, skip: set[str] | frozens
     stack = _load(settings)
     restarted = []
     for service in stack.services:
-        if service.name in skip or service.name == "monitor" or _recorded(settings, service.name) is None:
+        if service.name in skip or service.name == "monitor" or state.recorded(settings, service.name) is None:
             continue
-        if _live_pid(settings, service.name) is None:
+        if state.live_pid(settings, service.name) is None:
             report(Event(service.name, "died; starting it again"))
             _start(stack, service, lambda line, n=service.name: report(Event(n, line)))
             restarted.append(service.name)
@@ -567,9 +532,9 @@ def _check_space(folder: Path, needed: int, doing: str, setting: str) -> None:
 def _start(stack: _Stack, service: Service, progress: Progress, started: list[Service] | None = None) -> str | None:
     """Start `service` unless it runs healthy; `started` collects what was started here."""
     settings = stack.settings
-    pid = _live_pid(settings, service.name)
+    pid = state.live_pid(settings, service.name)
     answers = pid is not None and healthy(service.health)
-    if pid is not None and not answers and _within_start_up(settings, service, _recorded(settings, service.name)):
+    if pid is not None and not answers and _within_start_up(settings, service, state.recorded(settings, service.name)):
         return "already starting"
     if answers:
         detail = "already running"
@@ -577,11 +542,14 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         if pid is not None:
             progress(f"pid {pid} is not healthy; restarting it")
             _stop(stack, service, pid)
+        elif _leftovers(service):
+            progress("stopping what is left of its previous start")
+            _stop(stack, service, None)
         _check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
         pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
-        _record(settings, service, pid)
+        state.record(settings, service.name, pid)
         if started is not None:
             started.append(service)
         if not service.awaited:
@@ -638,7 +606,7 @@ def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path
                                 log_tail=procs.tail(log_path),
                                 hint=f"read {log_path}; `python -m installer logs {service.name}` shows it too")
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+        delay = min(delay * 1.5, 0.2)  # a check is a few ms; waiting longer only delays `up`
     raise ServiceFailed(f"the {service.title} did not become healthy within {settings.start_timeout:.0f} s",
                         log=log_path, log_tail=procs.tail(log_path),
                         hint=f"read {log_path} (`python -m installer logs {service.name}`); on a slow "
@@ -654,13 +622,13 @@ def _within_start_up(settings: Settings, service: Service, data: dict | None) ->
 def _await_ui(stack: _Stack) -> None:
     """For `up --wait-ui` on a stack whose UI backend is still starting."""
     for service in stack.services:
-        pid = _live_pid(stack.settings, service.name)
+        pid = state.live_pid(stack.settings, service.name)
         if service.name == "ui-backend" and pid is not None:
             _wait_healthy(stack.settings, service, pid, stack.settings.log_path(service.name))
 
 
 def _all_running(settings: Settings, stack: _Stack) -> bool:
-    if not all(_live_pid(settings, s.name) is not None for s in stack.services):
+    if not all(state.live_pid(settings, s.name) is not None for s in stack.services):
         return False
     if settings.tunnel and not _tunnel_running(settings):
         return False
@@ -680,9 +648,13 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
             report(Event("tunnel", "stopped", 0.0))
         tunnel.state_path(settings).unlink(missing_ok=True)
         for service in reversed(stack.services):
-            pid = _live_pid(settings, service.name)
+            pid = state.live_pid(settings, service.name)
             if pid is None:
-                _state_file(settings, service.name).unlink(missing_ok=True)
+                if _leftovers(service):
+                    report(Event(service.name, "stopping what is left of it"))
+                    _stop(stack, service, None)
+                    stopped.append(service.name)
+                state.forget(settings, service.name)
                 continue
             report(Event(service.name, "stopping"))
             began = time.monotonic()
@@ -695,41 +667,55 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
                     # Stopping must go on; the watcher's last snapshot stays the newest good one.
                     report(Event(service.name, f"final snapshot failed: {exc.message}"))
             _stop(stack, service, pid)
-            _state_file(settings, service.name).unlink(missing_ok=True)
+            state.forget(settings, service.name)
             stopped.append(service.name)
             report(Event(service.name, "stopped", time.monotonic() - began))
         return stopped
 
 
-def _stop(stack: _Stack, service: Service, pid: int) -> None:
-    """Stop one service the way that works for it, then prove nothing of it is left."""
-    members = [pid] + [p.pid for p in procs.descendants(pid)]
+def _leftovers(service: Service) -> list[procs.ProcInfo]:
+    """Processes of a container service that outlived their proot (its pid is no longer recorded)."""
+    return procs.with_environment(GUEST_TAG, service.guest_tag) if service.guest_tag else []
+
+
+def _stop(stack: _Stack, service: Service, pid: int | None) -> None:
+    """Stop one service the way that works for it, then prove nothing of it is left.
+
+    With `pid` None: what is left of a service whose recorded process died (see _leftovers).
+    """
+    table = procs.all_processes()
+    tree = procs.descendants(pid, table) if pid is not None else []
+    tree_pids = {p.pid for p in tree}
+    inside = tree + [p for p in _leftovers(service) if p.pid not in tree_pids and p.pid != pid]
+    members = ([pid] if pid is not None else []) + [p.pid for p in inside]
+    if not members:
+        return
     if service.stop is StopPolicy.HOST_TERM:
-        procs.terminate(pid, STOP_TIMEOUT)
+        if pid is not None:
+            procs.terminate(pid, STOP_TIMEOUT)
     elif service.stop is StopPolicy.POSTMASTER:
         postmaster = _postmaster_pid(stack.settings.pgdata_dir)
         if postmaster is not None:
             procs.send(postmaster, signal.SIGINT)
             procs.wait_gone([postmaster], STOP_TIMEOUT)
     elif service.stop is StopPolicy.GUEST_TERM:
-        guests = [p.pid for p in procs.descendants(pid) if service.guest_marker in p.command
-                  and not _is_runtime_process(p)]
+        guests = [p.pid for p in inside if service.guest_marker in p.command and not _is_runtime_process(p)]
         for guest in guests:
             procs.send(guest, signal.SIGTERM)
         procs.wait_gone(guests, STOP_TIMEOUT)
     elif service.stop is StopPolicy.GUEST_KILL:
         # It ignores SIGTERM; stop every guest first so no worker is re-spawned, then kill them.
-        guests = [p.pid for p in procs.descendants(pid) if not _is_runtime_process(p)]
+        guests = [p.pid for p in inside if not _is_runtime_process(p)]
         for guest in guests:
             procs.send(guest, signal.SIGSTOP)
         procs.kill_tree(guests)
-    # udocker exits by itself once its guest is gone; give it a moment, then make sure.
+    # proot (and udocker, where it waits for proot) exits by itself once its guest is gone; give it a moment.
     left = procs.wait_gone(members, 5.0)
     if left:
         left = procs.kill_tree(left)
     # A service stopped while it was still starting may have forked after `members` was read
-    # (proot, left to init when udocker went): its session group still names it.
-    for _ in range(3):
+    # (proot, left to init when its parent went): its session group still names it.
+    for _ in range(3 if pid is not None else 0):
         stray = [p.pid for p in procs.group_members(pid) if p.pid not in left]
         if not stray:
             break
@@ -772,18 +758,18 @@ def status(settings: Settings) -> StackStatus:
 def _status(settings: Settings, stack: _Stack) -> StackStatus:
     rows = []
     for service in stack.services:
-        pid = _live_pid(settings, service.name)
-        data = _recorded(settings, service.name)
+        pid = state.live_pid(settings, service.name)
+        data = state.recorded(settings, service.name)
         if pid is not None:
-            state = "running"
+            condition = "running"
         elif data is not None and data.get("boot_id") == procs.boot_id():
-            state = "dead"  # started on this machine and gone without `down`: its log says why
+            condition = "dead"  # started on this machine and gone without `down`: its log says why
         else:
-            state = "stopped"
+            condition = "stopped"
         is_healthy = pid is not None and healthy(service.health, timeout=2.0)
         uptime = time.time() - data["started"] if pid is not None and data else None
         starting = not is_healthy and pid is not None and _within_start_up(settings, service, data)
-        rows.append(ServiceStatus(service.name, service.title, state, pid, service.port, is_healthy,
+        rows.append(ServiceStatus(service.name, service.title, condition, pid, service.port, is_healthy,
                                   None if uptime is None else round(uptime, 1),
                                   str(settings.log_path(service.name)), starting))
     version = None
@@ -825,7 +811,7 @@ def take_snapshot(settings: Settings) -> snapshot.Generation:
     """A snapshot now, while PostgreSQL runs; recorded where `status` looks."""
     if settings.no_snapshots:
         raise ConfigError("snapshots are off (--no-snapshots)", hint="start the stack without --no-snapshots")
-    if _live_pid(settings, "postgres") is None:
+    if state.live_pid(settings, "postgres") is None:
         raise StackError("PostgreSQL is not running; a snapshot needs it",
                          hint="run `up` first (`down` already took a final snapshot)")
     _check_snapshot_dir(settings)
@@ -850,7 +836,7 @@ def _record_snapshot(settings: Settings, generation: snapshot.Generation) -> Non
 def restore(settings: Settings, force: bool = False) -> snapshot.RestoreReport:
     """Restore the newest good snapshot into PGDATA_DIR; the stack must be down."""
     with _lock(settings, "restore"):
-        if _live_pid(settings, "postgres") is not None:
+        if state.live_pid(settings, "postgres") is not None:
             raise StackError("PostgreSQL is running on this data folder", hint="run `down` first")
         snapshot.check_destination(settings.snapshot_dir, writable=False)
         return snapshot.restore(settings.snapshot_dir, settings.pgdata_dir, force=force)
@@ -860,7 +846,7 @@ def forget_settings(settings: Settings) -> dict[str, str]:
     """Forget what `up` saved; refused while services of this stack run (they were started with it)."""
     with _lock(settings, "config --clear"):
         running = sorted(path.stem for path in settings.state_dir.glob("*.json")
-                         if _live_pid(settings, path.stem) is not None)
+                         if state.live_pid(settings, path.stem) is not None)
         if running:
             raise StackError(f"the stack is running ({', '.join(running)}) with the saved settings",
                              hint="run `python -m installer down` first, then clear them")

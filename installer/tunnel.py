@@ -26,14 +26,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from . import procs
 from .connection import write_connection_file, write_private_json
 from .errors import TunnelError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    import requests
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def find_cloudflared(root: Path, explicit: str | Path | None = None, *,
 
 def download_cloudflared(target: Path, url: str, expected_sha256: str, *, timeout: float = 120.0) -> Path:
     """Fetch `url` into `target` (mode 0755) only if its SHA-256 is `expected_sha256`."""
+    import requests  # loaded on use: the monitor imports this module to check the tunnel is alive
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
@@ -324,6 +326,7 @@ def find_url(text: str, url_pattern: str = QUICK_TUNNEL_URL) -> str | None:
 
 def query_metrics_url(metrics: str, url_pattern: str = QUICK_TUNNEL_URL, timeout: float = 2.0) -> str | None:
     """The public address cloudflared reports on `GET /quicktunnel`, if it reports one yet."""
+    import requests
     try:
         response = requests.get(f"http://{metrics}/quicktunnel", timeout=timeout)
         hostname = response.json().get("hostname") if response.status_code == 200 else None
@@ -361,6 +364,7 @@ def _wait_for_url(pid: int, log_path: Path, offset: int, metrics: str, url_patte
 
 def _wait_reachable(url: str, pid: int, log_path: Path, metrics: str, timeout: float) -> None:
     """Poll `<url>/healthz` until the stack answers through the tunnel."""
+    import requests
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
@@ -392,6 +396,7 @@ def _wait_reachable(url: str, pid: int, log_path: Path, metrics: str, timeout: f
 
 def _edge_ready(metrics: str) -> bool | None:
     """cloudflared's own `GET /ready`: True once connected to the edge, None if it cannot tell."""
+    import requests
     try:
         response = requests.get(f"http://{metrics}/ready", timeout=2.0)
     except requests.RequestException:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import installer
-from installer import procs, stack
+from installer import procs, stack, state
 from installer.settings import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,10 +54,10 @@ def stop_services(flags: dict, names: tuple[str, ...]) -> None:
     settings = resolve(flags)
     loaded = stack._load(settings)
     for service in loaded.services:
-        pid = stack._live_pid(settings, service.name)
+        pid = state.live_pid(settings, service.name)
         if service.name in names and pid is not None:
             stack._stop(loaded, service, pid)
-            stack._state_file(settings, service.name).unlink()
+            state.state_file(settings, service.name).unlink()
 
 
 @contextlib.contextmanager

@@ -96,12 +96,13 @@ def test_a_failing_start_stops_only_what_this_up_started(stack: dict) -> None:
     text = str(caught.value)
     assert "the UI backend did not become healthy within 0 s" in text
     assert f"last lines of {resolve(stack).log_path('ui-backend')}" in text
-    assert ("`up` stopped what it had started (ui-backend); still running from before this `up`: "
+    # The entry point starts beside the UI backend (both wait only for PostgreSQL and the object store).
+    assert ("`up` stopped what it had started (proxy, ui-backend); still running from before this `up`: "
             "postgres, metadata, objectstore, snapshots (`python -m installer down` stops them); "
             "no setting was saved.") in text
     after = {s.name: s.pid for s in installer.status(**stack).services if s.state == "running"}
     assert after == before
-    assert not [p for p in stack_processes(stack) if "ui_server" in p.command]
+    assert not [p for p in stack_processes(stack) if "ui_server" in p.command or "installer.proxy" in p.command]
     assert saved_settings(stack) == saved
 
     assert installer.up(root=stack["root"]).running

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "objectstore",
                                                     "proxy", "snapshots", "monitor"]
         assert status.schema_version is not None and status.schema_version > 0
+        # A container's recorded process is its proot: no udocker Python waits beside it, and udocker
+        # made no temporary passwd or group file for it (those are named after udocker's pid).
+        for service in status.services:
+            if service.name in ("postgres", "metadata", "ui-backend"):
+                top = procs.proc_info(service.pid)
+                assert top is not None and "proot" in top.cmdline[0], (service.name, top)
+                assert not list(Path(tempfile.gettempdir()).glob(f"udocker-{service.pid}-*")), service.name
+        assert not [p.command for p in _stack_processes(flags) if p.cmdline[:1] and "udocker" in p.cmdline[0]
+                    or "installer.udocker_exec" in p.command]
         assert any(e.step == "postgres" and e.seconds is not None for e in events)
 
         settings = resolve(flags)
@@ -153,21 +163,29 @@ def test_monitor_restarts_what_dies(stack: dict) -> None:
     import time
 
     first = {s.name: s.pid for s in installer.up(**stack).services}
-    for name in ("proxy", "snapshots"):
+    # An idle monitor is a small process: it reads the recorded pids, and loads the stack's code
+    # (psycopg and libpq among it) only once something needs starting again.
+    assert "libpq" not in Path(f"/proc/{first['monitor']}/maps").read_text()
+    killed = ("metadata", "proxy", "snapshots")
+    metadata_guest = [p.pid for p in procs.descendants(first["metadata"])]
+    for name in killed:
         os.kill(first[name], signal.SIGKILL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         now = {s.name: (s.pid, s.healthy) for s in installer.status(**stack).services}
-        if all(now[n][0] not in (None, first[n]) and now[n][1] for n in ("proxy", "snapshots")):
+        if all(now[n][0] not in (None, first[n]) and now[n][1] for n in killed):
             break
         time.sleep(0.5)
     else:
         raise AssertionError(f"not restarted: {now}")
     monitor_log = resolve(stack).log_path("monitor").read_text()
-    assert "proxy: died; starting it again" in monitor_log
-    assert "snapshots: died; starting it again" in monitor_log
+    for name in killed:
+        assert f"{name}: died; starting it again" in monitor_log
+    # The metadata service's recorded process is its proot: killing it took the guest along, so the
+    # new one got the port rather than finding the old guest still holding it.
+    assert metadata_guest and not [pid for pid in metadata_guest if procs.alive(pid)]
     # What did not die was left alone.
-    assert now["postgres"][0] == first["postgres"] and now["metadata"][0] == first["metadata"]
+    assert now["postgres"][0] == first["postgres"] and now["ui-backend"][0] == first["ui-backend"]
 
 
 def test_up_returns_once_flows_can_be_tracked_and_status_tells_when_the_ui_is_ready(stack: dict) -> None:
