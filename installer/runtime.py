@@ -69,8 +69,13 @@ class Udocker:
     # --- images -------------------------------------------------------------
 
     def has_image(self, ref: str) -> bool:
-        out = self.run("images", what="udocker images", check=False)
         wanted = image_spec(ref).local_name
+        name, _, tag = wanted.rpartition(":")
+        if name and "@" not in wanted and "/" not in tag:
+            # What `udocker images` lists: each repos/<name>/<tag> folder holding a TAG file. Read
+            # directly, as udocker would, without starting a udocker (0.3 s) for each image, each `up`.
+            return (self.home / "repos" / name / tag / "TAG").is_file()
+        out = self.run("images", what="udocker images", check=False)
         return any(line.split()[0] == wanted for line in out.splitlines()[1:] if line.split())
 
     def pull(self, ref: str, registry: str | None, progress: Progress) -> bool:

@@ -47,6 +47,8 @@ def test_a_pull_by_any_spelling_is_found_by_every_other(tmp_path: Path, registry
     assert name in listed and f"library/{name}" not in listed
     for spelling in (name, f"library/{name}", f"docker.io/library/{name}"):
         assert udocker.has_image(spelling), spelling
+        # has_image reads udocker's folders; `udocker images` itself must agree.
+        assert runtime.image_spec(spelling).local_name in listed.split(), spelling
         assert udocker.pull(spelling, registry, lambda _: None) is False  # nothing pulled twice
     assert not udocker.has_image(name.split(":")[0] + ":no-such-tag")
     assert udocker.ensure_container(f"library/{name}", "probe", lambda _: None) is True
