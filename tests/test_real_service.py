@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -187,3 +188,57 @@ def test_the_ui_in_a_browser_shows_the_run_its_dag_and_a_tasks_stdout(tracked: S
         assert Path(found[name]["shot"]).stat().st_size > 5000
     assert found["runs"]["url"] == tracked.base + "/"
     assert "Metaflow" in found["runs"]["text"] or FLOW in found["runs"]["text"]
+
+
+CACHE_START_PROBE = r"""
+import asyncio, json, time
+from services.ui_backend_service.data.cache import store
+
+events = []
+
+class Probe:
+    def __init__(self, name):
+        self.name = name
+
+    async def start_cache(self):
+        events.append(("start", self.name, time.monotonic()))
+        await asyncio.sleep(0.3)
+        events.append(("started", self.name, time.monotonic()))
+
+    async def restart_requested(self):
+        return False
+
+async def main():
+    caches = store.CacheStore.__new__(store.CacheStore)
+    for name in ("artifact_cache", "dag_cache", "log_cache", "card_cache"):
+        setattr(caches, name, Probe(name))
+    await caches.start_caches(None)
+    left = [name for name in ("artifact_cache", "dag_cache", "log_cache", "card_cache")
+            if "start_cache" in vars(getattr(caches, name))]
+    await asyncio.sleep(0)
+    print(json.dumps({"events": events, "left_patched": left}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_ui_backend_starts_its_caches_side_by_side_each_once(shared_stack: dict) -> None:
+    """Our sitecustomize, against upstream's own CacheStore in the image: every cache is started exactly
+    once, all before the first has finished starting, and later restarts use the real start again."""
+    from installer import runtime
+    from installer.services import UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST, service_container
+
+    settings = installer.settings(**shared_stack)
+    udocker = runtime.prepare(settings.udocker_dir, settings.cache_dir / "bin", lambda _: None)
+    argv = udocker.run_argv(service_container(settings), ["/opt/latest/bin/python3", "-c", CACHE_START_PROBE],
+                            env={"PYTHONPATH": f"{UI_BACKEND_SITE_IN_GUEST}:/root", "FEATURE_PREFETCH_DISABLE": "1"},
+                            volumes=[(UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST)], workdir="/root")
+    done = subprocess.run(argv, env={**os.environ, **udocker.env}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    starts = [e for e in report["events"] if e[0] == "start"]
+    finishes = [e for e in report["events"] if e[0] == "started"]
+    assert sorted(e[1] for e in starts) == ["artifact_cache", "card_cache", "dag_cache", "log_cache"]
+    assert len(finishes) == 4
+    assert max(e[2] for e in starts) < min(e[2] for e in finishes), report["events"]
+    assert report["left_patched"] == []
