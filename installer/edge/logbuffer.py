@@ -13,9 +13,9 @@ collects formatted records and writes them together:
 
 Every batch goes through the Redactor (redact.py) before it is written: the same
 text, the same patterns and the same secrets as a record-by-record filter, with
-one lookup of the current secrets per batch. The Redactor keeps secrets it saw
-before, so a line written before a token rotation and flushed after it is still
-redacted.
+two lookups of the current secrets per batch (when it starts and when it is
+written). The Redactor keeps secrets it saw before, so a line queued before a
+token rotation and written after it is still redacted.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class BufferedHandler(logging.Handler):
     def add(self, text: str, *, urgent: bool = False) -> None:
         """Queue one formatted line (redacted when its batch is written)."""
         with self.lock:  # type: ignore[union-attr]
+            if not self._lines:
+                # The secrets as they are when a batch starts, and again when it is written: a token
+                # rotated in between is redacted from both sides of the rotation.
+                self.redactor.observe()
             self._lines.append(text)
             self._size += len(text)
             if urgent or self._size >= self.max_bytes:

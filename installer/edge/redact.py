@@ -73,6 +73,10 @@ class Redactor(logging.Filter):
         self._forms = (values, ordered)
         return ordered
 
+    def observe(self) -> None:
+        """Look at the current secrets now (a secret replaced later stays redacted: see _former)."""
+        self._current()
+
     def text(self, text: str) -> str:
         """`text` with every credential in it replaced."""
         for secret in self._current():
