@@ -331,7 +331,7 @@ def main() -> None:
     for path, measured in results.items():
         direct = measured[0]
         d_rate, d_med = statistics.median(direct.rates), statistics.median(direct.seq) * ms
-        print(f"metadata API GET {path}: {direct.rates and len(direct.rates)} rounds of "
+        print(f"metadata API GET {path}: {args.rounds} rounds of "
               f"{args.requests if path == '/ping' else max(100, args.requests // 6)} requests, "
               f"concurrency {args.concurrency}")
         print(f"  direct   throughput {d_rate:7.0f} req/s   latency under load median "

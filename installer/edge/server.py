@@ -103,7 +103,7 @@ class Edge:
         self._readiness_lock = asyncio.Lock()
 
     def secrets(self) -> list[str]:
-        """Every credential value the log must never show (asked for every log record: one stat per file)."""
+        """Every credential value the log must never show (asked twice per batch of log lines: one stat per file)."""
         values = self.gate.secrets()
         if self.s3_credentials is not None:
             # The token's S3 secret follows from the token just read, without a second look at its file.
