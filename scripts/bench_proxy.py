@@ -14,8 +14,17 @@ records one small flow so the API has data, then measures in the same run:
 Targets: proxy CPU per request <= 120 us on /ping; added median latency < 2 ms; a flow's wall
 time through the proxy >= 0.95 of direct. The stack is always taken down at the end.
 
+--baseline DIR adds, in the same run, a second proxy started from another source tree (for
+example `git archive <commit> | tar -x -C DIR`) with the stack proxy's own arguments on another
+port, measured interleaved with the others: before and after from one run, on the same load.
+
+--profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
+/service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
+calls, aiohttp's server (parser, request and response objects), routing, auth, header handling,
+the upstream client, the access log.
+
     python scripts/bench_proxy.py [--requests 3000] [--concurrency 16] [--flow-runs 3]
-                                  [--registry http://127.0.0.1:5000]
+                                  [--baseline DIR] [--profile] [--registry http://127.0.0.1:5000]
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,22 +84,153 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _compare(direct: str, proxied: str, key: dict[str, str], total: int, args: argparse.Namespace,
-             proxy_pid: int) -> dict:
-    """Interleaved rounds of the same load, direct and through the proxy."""
-    asyncio.run(_load(direct, {}, min(total, 300), args.concurrency))  # warm both paths up
-    asyncio.run(_load(proxied, key, min(total, 300), args.concurrency))
-    result: dict = {"total": total, "direct_rates": [], "proxy_rates": [], "proxy_cpu_us": []}
+@dataclass
+class Target:
+    label: str
+    url: str                      # base: the metadata service itself, or a proxy's /service
+    headers: dict[str, str]
+    pid: int | None = None        # a proxy's, for its CPU time
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    conc: list[float] = field(default_factory=list)
+    seq: list[float] = field(default_factory=list)
+    flows: list[float] = field(default_factory=list)
+
+
+def _compare(targets: list[Target], path: str, total: int, args: argparse.Namespace) -> list[Target]:
+    """Interleaved rounds of the same load on every target (the metadata service direct, the proxies)."""
+    measured = [Target(t.label, t.url, t.headers, t.pid) for t in targets]
+    for target in measured:  # warm every path up
+        asyncio.run(_load(target.url + path, target.headers, min(total, 300), args.concurrency))
     for _ in range(args.rounds):
-        rate, result["direct_conc"] = asyncio.run(_load(direct, {}, total, args.concurrency))
-        result["direct_rates"].append(rate)
-        cpu_before = _cpu_s(proxy_pid)
-        rate, result["proxy_conc"] = asyncio.run(_load(proxied, key, total, args.concurrency))
-        result["proxy_cpu_us"].append((_cpu_s(proxy_pid) - cpu_before) / total * 1e6)
-        result["proxy_rates"].append(rate)
-    result["direct_lat"] = asyncio.run(_load(direct, {}, args.sequential, 1))[1]
-    result["proxy_lat"] = asyncio.run(_load(proxied, key, args.sequential, 1))[1]
-    return result
+        for target in measured:
+            cpu_before = _cpu_s(target.pid) if target.pid else 0.0
+            rate, target.conc = asyncio.run(_load(target.url + path, target.headers, total, args.concurrency))
+            target.rates.append(rate)
+            if target.pid:
+                target.cpu_us.append((_cpu_s(target.pid) - cpu_before) / total * 1e6)
+    for target in measured:
+        target.seq = asyncio.run(_load(target.url + path, target.headers, args.sequential, 1))[1]
+    return measured
+
+
+def _extra_proxy(stack_pid: int, tree: Path, workdir: Path, label: str,
+                 wrap: list[str] | None = None) -> tuple[subprocess.Popen, int]:
+    """Another proxy with the stack proxy's own arguments on a free port, its code from `tree`."""
+    argv = Path(f"/proc/{stack_pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    args = [a.decode() for a in argv[3:]]  # after "python -m installer.proxy"
+    port = _free_port()
+    args[args.index("--listen-port") + 1] = str(port)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
+    command = [sys.executable, *(wrap or ["-m", "installer.proxy"]), *args]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=str(tree))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the {label} proxy died while starting:\n{(workdir / f'{label}.log').read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the {label} proxy did not listen within 30 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# Where a function's CPU time is counted, by its file (first match wins); see _breakdown().
+_COMPONENTS = (
+    ("access log", ("installer/edge/logbuffer.py", "installer/edge/redact.py", "/logging/", "server.py:log",
+                    "web_protocol.py:log_access")),
+    ("upstream client", ("installer/edge/client.py", "forward.py:forward", "forward.py:_relay_response",
+                         "aiohttp/client", "aiohttp/connector", "aiohttp/streams")),
+    ("header handling", ("forward.py:request_headers", "forward.py:_response_headers", "forward.py:_connection",
+                         "forward.py:_strip", "multidict")),
+    ("auth", ("installer/edge/access.py", "installer/secrets.py", "hmac", "posix.stat", "compare_digest",
+              "server.py:authenticate")),
+    ("routing and checks", ("installer/edge/", "urllib/parse")),
+    ("aiohttp server", ("aiohttp/", "yarl", "http/cookies", "email/")),
+    ("event loop and socket calls", ("asyncio/", "uvloop", "<method", "<built-in", "selectors", "socket")),
+    ("other (start-up, signals, argument parsing)", ("",)),
+)
+
+
+def _component(filename: str, name: str) -> str:
+    key = f"{filename}:{name}"
+    for label, needles in _COMPONENTS:
+        for needle in needles:
+            if ":" in needle:
+                file_part, func = needle.split(":", 1)
+                if filename.endswith(file_part) and name.split(".")[-1] == func.split(".")[-1]:
+                    return label
+            elif needle in key:
+                return label
+    return _COMPONENTS[-1][0]
+
+
+_SOCKET_CALLS = ("uvloop", "socket", "select", "epoll")
+
+
+def _breakdown(stats_file: Path, requests: int) -> dict[str, float]:
+    """CPU us per request by component, from a cProfile dump. Built-in functions (str.lower, len, ...)
+    count for the Python functions that called them; socket and loop calls for the event loop."""
+    import pstats
+
+    stats = pstats.Stats(str(stats_file)).stats  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+
+    def add(label: str, seconds: float) -> None:
+        totals[label] = totals.get(label, 0.0) + seconds
+
+    for (filename, _line, name), (_cc, _nc, tottime, _ct, callers) in stats.items():
+        if filename == "~" and not any(part in name for part in _SOCKET_CALLS) and callers:
+            spent = sum(value[2] for value in callers.values()) or 1.0
+            for (c_file, _c_line, c_name), value in callers.items():
+                add(_component(c_file, c_name), tottime * value[2] / spent)
+        else:
+            add(_component(filename, name), tottime)
+    return {label: seconds / requests * 1e6 for label, seconds in totals.items()}
+
+
+_PROFILE_WRAPPER = """
+import cProfile, sys, time
+out = sys.argv.pop(1)
+from installer import proxy  # imported before profiling starts: start-up is not what is measured
+profiler = cProfile.Profile(time.process_time)
+profiler.enable()
+try:
+    proxy.main(sys.argv[1:])
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
+
+
+def _profile(stack_pid: int, workdir: Path, key: dict[str, str], args: argparse.Namespace) -> None:
+    print("profile (cProfile with CPU time; its own overhead inflates every figure, compare shares):")
+    for path, headers in (("/service/ping", key), ("/healthz", {})):
+        out = workdir / "proxy.prof"
+        proc, port = _extra_proxy(stack_pid, REPO, workdir, "profiled", ["-c", _PROFILE_WRAPPER, str(out)])
+        try:
+            url = f"http://127.0.0.1:{port}{path}"
+            asyncio.run(_load(url, headers, 300, args.concurrency))
+            asyncio.run(_load(url, headers, args.requests, args.concurrency))
+        finally:
+            _stop(proc)
+        parts = _breakdown(out, 300 + args.requests)
+        total = sum(parts.values())
+        shown = "   ".join(f"{label} {us:.0f} us ({us / total:.0%})"
+                           for label, us in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"  GET {path}: {total:.0f} us per request under the profiler: {shown}")
 
 
 def _flow_env(workdir: Path, service_url: str, token: str | None) -> dict[str, str]:
@@ -139,12 +280,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--flow-runs", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="source tree of a proxy to compare with, in the same run")
+    parser.add_argument("--profile", action="store_true", help="also print where the proxy's CPU goes")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
+        raise SystemExit(f"--baseline {args.baseline}: no installer/proxy.py there (a source tree of this project)")
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
         flags = _stack_flags(workdir / "root", args.registry)
+        baseline = None
         try:
             began = time.perf_counter()
             status = installer.up(**flags)
@@ -157,43 +303,60 @@ def main() -> None:
                 raise SystemExit("the stack has no access token")
             pid = _proxy_pid(flags)
             (workdir / "flow.py").write_text(FLOW)
-            direct_url = f"http://127.0.0.1:{flags['metadata_port']}"
-            proxy_url = f"http://127.0.0.1:{flags['port']}/service"
             key = {"x-api-key": token}
-            _run_flow(workdir, _flow_env(workdir, direct_url, None))  # data for the API to return
+            targets = [Target("direct", f"http://127.0.0.1:{flags['metadata_port']}", {}),
+                       Target("proxy", f"http://127.0.0.1:{flags['port']}/service", key, pid)]
+            if args.baseline is not None:
+                baseline, port = _extra_proxy(pid, args.baseline.resolve(), workdir, "baseline")
+                targets.append(Target("baseline", f"http://127.0.0.1:{port}/service", key, baseline.pid))
+            _run_flow(workdir, _flow_env(workdir, targets[0].url, None))  # data for the API to return
             runs_path = "/flows/ProxyTestFlow/runs"
 
             results = {}
             for path, total in (("/ping", args.requests), (runs_path, max(100, args.requests // 6))):
-                results[path] = _compare(direct_url + path, proxy_url + path, key, total, args, pid)
-            direct_flow, proxy_flow = [], []
+                results[path] = _compare(targets, path, total, args)
             for _ in range(args.flow_runs):
-                direct_flow.append(_run_flow(workdir, _flow_env(workdir, direct_url, None))[0])
-                proxy_flow.append(_run_flow(workdir, _flow_env(workdir, proxy_url, token))[0])
+                for target in targets:
+                    env = _flow_env(workdir, target.url, target.headers.get("x-api-key"))
+                    target.flows.append(_run_flow(workdir, env)[0])
+            if args.profile:
+                _profile(pid, workdir, key, args)
         finally:
+            if baseline is not None:
+                _stop(baseline)
             installer.down(**flags)
 
     ms = 1000.0
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    for path, r in results.items():
-        d_rate, p_rate = statistics.median(r["direct_rates"]), statistics.median(r["proxy_rates"])
-        d_med, p_med = statistics.median(r["direct_lat"]) * ms, statistics.median(r["proxy_lat"]) * ms
-        print(f"metadata API GET {path}: {r['total']} requests x {args.rounds} rounds, concurrency {args.concurrency}")
-        print(f"  throughput direct {d_rate:7.0f} req/s   proxy {p_rate:7.0f} req/s   ratio {p_rate / d_rate:.3f}"
-              f"   rounds: direct {[round(x) for x in r['direct_rates']]}"
-              f" proxy {[round(x) for x in r['proxy_rates']]}")
-        cpu_us = statistics.median(r["proxy_cpu_us"])
-        print(f"  proxy CPU per request: median {cpu_us:.0f} us"
-              f"{' (target <= 120 us)' if path == '/ping' else ''}   rounds {[round(x) for x in r['proxy_cpu_us']]}")
-        print(f"  latency under load: direct median {statistics.median(r['direct_conc']) * ms:6.2f} ms"
-              f" p95 {_pct(r['direct_conc'], 0.95) * ms:6.2f} ms   proxy median"
-              f" {statistics.median(r['proxy_conc']) * ms:6.2f} ms p95 {_pct(r['proxy_conc'], 0.95) * ms:6.2f} ms")
-        print(f"  latency sequential: direct median {d_med:6.2f} ms p95 {_pct(r['direct_lat'], 0.95) * ms:6.2f} ms"
-              f"   proxy median {p_med:6.2f} ms p95 {_pct(r['proxy_lat'], 0.95) * ms:6.2f} ms"
-              f"   added median {p_med - d_med:+.2f} ms (target < 2 ms)")
-    d_flow, p_flow = statistics.median(direct_flow), statistics.median(proxy_flow)
-    print(f"small flow (3 steps) wall time, median of {args.flow_runs}: direct {d_flow:.2f} s   proxy {p_flow:.2f} s"
-          f"   proxy speed {d_flow / p_flow:.3f} of direct (target >= 0.95)")
+    for path, measured in results.items():
+        direct = measured[0]
+        d_rate, d_med = statistics.median(direct.rates), statistics.median(direct.seq) * ms
+        print(f"metadata API GET {path}: {args.rounds} rounds of "
+              f"{args.requests if path == '/ping' else max(100, args.requests // 6)} requests, "
+              f"concurrency {args.concurrency}")
+        print(f"  direct   throughput {d_rate:7.0f} req/s   latency under load median "
+              f"{statistics.median(direct.conc) * ms:6.2f} ms p95 {_pct(direct.conc, 0.95) * ms:6.2f} ms   "
+              f"sequential median {d_med:6.2f} ms p95 {_pct(direct.seq, 0.95) * ms:6.2f} ms")
+        for target in measured[1:]:
+            rate, med = statistics.median(target.rates), statistics.median(target.seq) * ms
+            cpu_us = statistics.median(target.cpu_us)
+            print(f"  {target.label:8} throughput {rate:7.0f} req/s (ratio {rate / d_rate:.3f} of direct)   "
+                  f"rounds {[round(x) for x in target.rates]}")
+            print(f"           CPU per request: median {cpu_us:.0f} us"
+                  f"{' (target <= 120 us)' if path == '/ping' else ''}   rounds {[round(x) for x in target.cpu_us]}")
+            print(f"           latency under load median {statistics.median(target.conc) * ms:6.2f} ms"
+                  f" p95 {_pct(target.conc, 0.95) * ms:6.2f} ms   sequential median {med:6.2f} ms"
+                  f" p95 {_pct(target.seq, 0.95) * ms:6.2f} ms   added median {med - d_med:+.2f} ms (target < 2 ms)")
+        if len(measured) == 3:
+            proxy, base = measured[1], measured[2]
+            print(f"  proxy vs baseline, same run: CPU per request {statistics.median(proxy.cpu_us):.0f} vs "
+                  f"{statistics.median(base.cpu_us):.0f} us "
+                  f"({statistics.median(proxy.cpu_us) / statistics.median(base.cpu_us):.2f}x)")
+    d_flow = statistics.median(targets[0].flows)
+    for target in targets[1:]:
+        flow = statistics.median(target.flows)
+        print(f"small flow (3 steps) wall time, median of {args.flow_runs}: direct {d_flow:.2f} s   "
+              f"{target.label} {flow:.2f} s   speed {d_flow / flow:.3f} of direct (target >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ Each test asserts what reached the backend or the disk, not only the status code
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
+import signal
 import socket
 import stat
 import sys
@@ -237,6 +240,24 @@ def test_client_forwarding_headers_are_not_trusted(edge: hp.ProxyProcess, record
     assert status == 403
 
 
+def test_no_answer_names_the_proxy_software_or_its_versions(edge: hp.ProxyProcess) -> None:
+    key = {"x-api-key": edge.token}
+    answers = [hp.raw_request(edge.port, "GET", "/service/flows", headers=key),        # relayed
+               hp.raw_request(edge.port, "GET", "/healthz"),                            # its own JSON
+               hp.raw_request(edge.port, "GET", "/service/flows"),                      # 401
+               hp.raw_request(edge.port, "TRACE", "/service/flows", headers=key),      # 405
+               hp.raw_request(edge.port, "GET", "/", headers=key),                      # a UI file
+               hp.raw_request(edge.port, "GET", "/static/js/missing.js", headers=key),  # 404
+               hp.raw_request(edge.port, "GET", "/", headers={"Accept": "text/html"})]  # the sign-in page
+    malformed, _ = he.exchange(edge.port, b"GET /x HTTP/1.1\r\nHost: h\r\nBad\x01Header: v\r\n\r\n")
+    assert he.statuses(malformed) == [400]
+    heads = [str(headers) for _, headers, _ in answers] + [malformed.split(b"\r\n\r\n")[0].decode()]
+    for (_, headers, _), head in zip(answers, heads):
+        assert headers.get("server") == "metaflow-stack", head
+    for head in heads:
+        assert "aiohttp" not in head.lower() and "python" not in head.lower() and "Recorder" not in head, head
+
+
 # ------------------------------------------------------------------------------------------------ no-auth
 
 @pytest.fixture(scope="module")
@@ -460,3 +481,59 @@ def test_redaction_filter_covers_encoded_and_quoted_forms() -> None:
     unknown = "guess-" + "q" * 30
     assert unknown not in Redactor().text(f"GET /?api_key={unknown}&x=1")
     assert Redactor().text("GET /?x=1&y=2") == "GET /?x=1&y=2"
+
+
+def test_buffered_log_lines_are_redacted_as_a_batch_and_survive_a_token_rotation(tmp_path: Path) -> None:
+    from installer.edge.logbuffer import BufferedHandler
+    from installer.edge.redact import Redactor
+
+    secrets = ["first-token-" + "a" * 20]
+    out = (tmp_path / "log").open("w")
+    handler = BufferedHandler(out, Redactor(lambda: secrets), delay=0.1)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.buffered")
+    logger.propagate, logger.handlers = False, [handler]
+    logger.setLevel(logging.INFO)
+
+    async def in_the_loop() -> None:  # as in the proxy: batches are written by a timer of the running loop
+        logger.info("GET /a?token=%s", "guessed-value-12345")
+        logger.info("path /service/%s", secrets[0])
+        assert (tmp_path / "log").read_text() == "", "nothing is written before the batch is due"
+        old = secrets[0]
+        secrets[:] = ["second-token-" + "b" * 20]  # rotated before the batch is written
+        handler.flush()
+        text = (tmp_path / "log").read_text()
+        assert text.splitlines() == ["GET /a?token=REDACTED", "path /service/REDACTED"]
+        logger.warning("seen %s and %s", old, secrets[0])  # a warning is written at once
+        assert (tmp_path / "log").read_text().splitlines()[-1] == "seen REDACTED and REDACTED"
+        logger.info("later")
+        await asyncio.sleep(0.3)
+        assert (tmp_path / "log").read_text().splitlines()[-1] == "later", "written when the batch is due"
+
+    try:
+        asyncio.run(in_the_loop())
+    finally:
+        handler.close()
+        out.close()
+
+
+def test_access_lines_buffered_by_the_proxy_are_written_when_it_is_stopped(workdir: Path,
+                                                                          recorder: he.Recorder) -> None:
+    proxy = hp.start_proxy(workdir, metadata_url=recorder.url, ui_url=recorder.url,
+                           static_dir=hp.make_static_dir(workdir / "stopped"))
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            for n in range(20):
+                sock.sendall(f"GET /service/n{n}/ping HTTP/1.1\r\nHost: h\r\nx-api-key: {proxy.token}\r\n\r\n"
+                             .encode())
+                answer = b""
+                while not answer.endswith(b"pong"):
+                    answer += sock.recv(65536)
+            procs.send(proxy.pid, signal.SIGTERM)  # at once: the last lines are still in the buffer
+        assert not procs.wait_gone([proxy.pid], timeout=10)
+    finally:
+        proxy.stop()
+    text = proxy.log_text()
+    for n in range(20):
+        assert f'"GET /service/n{n}/ping" 200' in text
+    assert proxy.token not in text

@@ -5,10 +5,12 @@
     routes      which route a path is for; request shapes refused everywhere
     access      token, cookie, Host and Origin rules, failure throttle, the tunnel's client address
     s3gate      /s3/: SigV4 gate in front of the object store
-    forward     what is relayed to an upstream and back; pooled connections after errors
+    forward     what is relayed to an upstream and back
+    client      the HTTP/1.1 client it relays with: keep-alive pools, strict framing, reuse rules
     websocket   the /api/ws relay
     static      the UI files
     pages       the answers the proxy gives itself (JSON errors, S3 errors, sign-in page)
     redact      the one log filter that keeps credentials out of every record
+    logbuffer   the log handler: records written in batches, each batch redacted
     server      the order of the checks, lifecycle, command line (`python -m installer.proxy`)
 """

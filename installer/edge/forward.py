@@ -3,30 +3,30 @@
 Sent upstream: the method, the raw target, end-to-end headers minus our
 credentials (x-api-key, the session cookie) and minus every client-supplied
 X-Forwarded-* (the proxy sets its own: the client address as the access gate saw
-it, the scheme, the Host); the body exactly as framed by the client, re-framed by
-the HTTP client. Sent back: the status and end-to-end headers minus Set-Cookie
-(an upstream must not plant cookies on the stack's origin) and Server.
+it, the scheme, the Host); the body exactly as framed by the client (Content-Length
+bytes, or chunks re-framed as chunks). Sent back: the status and end-to-end headers
+minus Set-Cookie (an upstream must not plant cookies on the stack's origin) and
+Server (ours replaces it).
 
-A pooled upstream connection is reused only after a clean, complete, non-error
-exchange: any exception, and any error status, closes it, so a connection the
-upstream may read differently than we wrote it never carries another client's
-request.
+The HTTP client is client.py's: a pooled upstream connection is reused only after
+a clean, complete, non-error exchange: any exception, and any error status, closes
+it, so a connection the upstream may read differently than we wrote it never
+carries another client's request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from .access import API_KEY_HEADER, COOKIE_NAME, Client
-from .pages import json_error
+from .client import BodyError, Pool, UpstreamError, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from .pages import SERVER_NAME, json_error
 
 __all__ = ["SKIP_AUTO_HEADERS", "Upstream", "forward", "request_headers"]
 
@@ -37,7 +37,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization",
 })
-_NOT_FORWARDED_REQUEST = frozenset({"host", "expect", API_KEY_HEADER, "x-forwarded-for", "x-forwarded-proto",
+# Content-Length too: the client sends the length of the body as the server's parser admitted it.
+_NOT_FORWARDED_REQUEST = frozenset({"host", "expect", "content-length", API_KEY_HEADER, "x-forwarded-for", "x-forwarded-proto",
                                     "x-forwarded-host", "x-forwarded-port", "x-real-ip", "forwarded",
                                     "cf-connecting-ip"})
 _NOT_FORWARDED_RESPONSE = frozenset({"set-cookie", "set-cookie2", "server"})
@@ -45,7 +46,7 @@ WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-web
                           "sec-websocket-protocol", "sec-websocket-accept"})
 _DROP_REQUEST = HOP_BY_HOP | _NOT_FORWARDED_REQUEST
 _DROP_RESPONSE = HOP_BY_HOP | _NOT_FORWARDED_RESPONSE
-# Set once on the upstream sessions: the client's own headers go upstream as sent, nothing of aiohttp's added.
+# Set on the websocket session: the client's own headers go upstream as sent, nothing of aiohttp's added.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
@@ -84,7 +85,7 @@ def _strip_session_cookie(value: str) -> str:
 
 
 def request_headers(request: web.BaseRequest, client: Client, *, websocket: bool = False,
-                    keep: Iterable[str] = ()) -> CIMultiDict[str]:
+                    keep: Iterable[str] = ()) -> list[tuple[str, str]]:
     """Headers for the upstream request: end-to-end ones only, no credential of ours, X-Forwarded-* ours."""
     headers = request.headers
     drop = _DROP_REQUEST
@@ -94,7 +95,7 @@ def request_headers(request: web.BaseRequest, client: Client, *, websocket: bool
         drop = drop - set(keep)
     if websocket:
         drop = drop | WS_HANDSHAKE
-    out: CIMultiDict[str] = CIMultiDict()
+    out: list[tuple[str, str]] = []
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in drop:
@@ -103,85 +104,76 @@ def request_headers(request: web.BaseRequest, client: Client, *, websocket: bool
             value = _strip_session_cookie(value)
             if not value:
                 continue
-        out.add(name, value)
-    out["X-Forwarded-For"] = client.address
-    out["X-Forwarded-Proto"] = client.scheme
-    out["X-Forwarded-Host"] = request.host
+        out.append((name, value))
+    out.append(("X-Forwarded-For", client.address))
+    out.append(("X-Forwarded-Proto", client.scheme))
+    out.append(("X-Forwarded-Host", request.host))
     return out
 
 
-def _response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    headers = upstream.headers
+def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
     drop = _DROP_RESPONSE
-    if "Connection" in headers:
-        drop = drop | _connection_named(headers.items())
+    for name, _ in headers:
+        if name.lower() == "connection":
+            drop = drop | _connection_named(headers)
+            break
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for name, value in headers:
         if name.lower() not in drop:
             out.add(name, value)
+    out["Server"] = SERVER_NAME
     return out
 
 
-async def forward(request: web.BaseRequest, upstream: Upstream, target: str, session: aiohttp.ClientSession,
-                  headers: CIMultiDict[str]) -> web.StreamResponse:
+async def forward(request: web.BaseRequest, upstream: Upstream, target: str, pool: Pool,
+                  headers: list[tuple[str, str]]) -> web.StreamResponse:
     """Send the request to `upstream` at `target` (raw path and query) and stream its answer back."""
-    body = request.content if request.body_exists else None
+    body, length = None, None
+    if request.body_exists:
+        body = request.content.iter_any()
+        length = None if "Transfer-Encoding" in request.headers else request.content_length
     try:
-        upstream_response = await session.request(
-            request.method, upstream.url(target), headers=headers, data=body, allow_redirects=False,
-            compress=None, chunked=None)
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-        log.warning("%s unreachable at %s: %s", upstream.name, upstream.where, exc.__class__.__name__)
-        return upstream.down()
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        upstream_response = await pool.request(request.method, target, headers, body, length)
+    except UpstreamTimeout:
         return json_error(504, f"{upstream.name} on {upstream.where} did not answer in time")
-    except aiohttp.ClientPayloadError:
-        return json_error(400, "the request body ended early")
-    except aiohttp.ClientError as exc:
-        log.warning("%s request failed: %s", upstream.name, exc.__class__.__name__)
+    except UpstreamUnreachable as exc:
+        log.warning("%s unreachable at %s: %s", upstream.name, upstream.where, exc)
         return upstream.down()
-    clean = False
+    except UpstreamError as exc:
+        log.warning("%s request failed: %s", upstream.name, exc)
+        return upstream.down()
+    except BodyError:
+        return json_error(400, "the request body ended early")
     try:
-        response, clean = await _relay_response(request, upstream, upstream_response)
-        return response
+        return await _relay_response(request, upstream, upstream_response)
     finally:
-        if not clean or upstream_response.status >= 400:
-            upstream_response.close()  # never back into the pool
-        else:
-            upstream_response.release()
+        upstream_response.finish()  # back into the pool only after a clean, complete, non-error exchange
 
 
 async def _relay_response(request: web.BaseRequest, upstream: Upstream,
-                          upstream_response: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
-    content = upstream_response.content
-    headers = _response_headers(upstream_response)
-    if content.is_eof() and request.method != "HEAD":
-        # The whole body came in with the headers (small API answers): nothing to wait for,
-        # and one write to the client instead of one for the headers and one for the body.
+                          upstream_response: UpstreamResponse) -> web.StreamResponse:
+    headers = _response_headers(upstream_response.headers)
+    if upstream_response.body is not None and request.method != "HEAD":
+        # The whole body came in with the head (small API answers): one write to the client.
         return web.Response(status=upstream_response.status, reason=upstream_response.reason,
-                            headers=headers, body=content.read_nowait(-1)), True
+                            headers=headers, body=upstream_response.body)
     response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
                                   headers=headers)
     await response.prepare(request)
     if request.method == "HEAD" or upstream_response.status in (204, 304):
         await response.write_eof()
-        return response, True
+        return response
     try:
-        async for chunk in content.iter_any():
-            if content.at_eof():
-                # The whole rest is here: one write carries headers, body and end together.
-                await response.write_eof(chunk)
-                return response, True
+        async for chunk in upstream_response.chunks():
             await response.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError,
-            aiohttp.ServerTimeoutError) as exc:
+    except UpstreamError as exc:
         # Headers are gone already: cut the connection so the client sees a truncated response.
         log.warning("%s broke off a response: %s", upstream.name, exc.__class__.__name__)
         if request.transport is not None:
             request.transport.close()
-        return response, False
+        return response
     await response.write_eof()
-    return response, True
+    return response
 
 
 async def send_continue(request: web.BaseRequest) -> web.Response | None:

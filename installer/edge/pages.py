@@ -10,7 +10,10 @@ import html
 
 from aiohttp import web
 
-__all__ = ["HOW_TO_AUTHENTICATE", "json_error", "json_response", "login_page", "s3_error", "ui_starting_page"]
+__all__ = ["HOW_TO_AUTHENTICATE", "SERVER_NAME", "json_error", "json_response", "login_page", "s3_error", "ui_starting_page"]
+
+# Every answer's Server header: aiohttp's default names its and Python's versions.
+SERVER_NAME = "metaflow-stack"
 
 HOW_TO_AUTHENTICATE = ("send header x-api-key: <token> (METAFLOW_SERVICE_AUTH_KEY) "
                        "or open /?token=<token> in a browser")

@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
+from .pages import SERVER_NAME
+
 __all__ = ["ConnectionLimits", "EdgeServer"]
 
 log = logging.getLogger("installer.proxy")
@@ -136,7 +138,8 @@ class _EdgeProtocol(web_protocol.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the response was already started; cannot send an error page")
         text = _ERROR_TEXT.get(status) or f"{status} error\n"
-        response = web.Response(status=status, text=text, content_type="text/plain")
+        response = web.Response(status=status, text=text, content_type="text/plain",
+                                headers={"Server": SERVER_NAME})
         response.force_close()
         return response
 

@@ -25,6 +25,7 @@ __all__ = ["REDACTED", "Redactor", "install"]
 
 REDACTED = "REDACTED"
 _MIN_SECRET = 8  # shorter strings would blank out ordinary words
+_KEPT_FORMER = 16
 
 _PARAM_NAMES = ("token", "access_token", "api_key", "apikey", "x-api-key", "key", "password", "secret",
                 "x-amz-signature", "x-amz-security-token", "signature", "mf_stack_session")
@@ -46,6 +47,9 @@ class Redactor(logging.Filter):
         self._busy = threading.local()
         # The encoded forms of the last secrets seen: recomputed only when the secrets change.
         self._forms: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        # Secrets seen before and replaced since (a rotated token) stay redacted: a buffered line may
+        # be written after the rotation, and an old token is still someone's credential.
+        self._former: tuple[str, ...] = ()
 
     def _current(self) -> tuple[str, ...]:
         # A secrets provider may itself log (a token file that went missing): never recurse into it.
@@ -61,12 +65,17 @@ class Redactor(logging.Filter):
         cached = self._forms
         if cached[0] == values:
             return cached[1]
+        self._former = tuple(dict.fromkeys(v for v in (*cached[0], *self._former) if v not in values))[:_KEPT_FORMER]
         forms = set()
-        for value in values:
+        for value in (*values, *self._former):
             forms.update({value, quote(value, safe=""), quote(quote(value, safe=""), safe="")})
         ordered = tuple(sorted(forms, key=len, reverse=True))
         self._forms = (values, ordered)
         return ordered
+
+    def observe(self) -> None:
+        """Look at the current secrets now (a secret replaced later stays redacted: see _former)."""
+        self._current()
 
     def text(self, text: str) -> str:
         """`text` with every credential in it replaced."""
@@ -102,5 +111,7 @@ def install(redactor: Redactor) -> None:
     if not root.handlers:
         logging.basicConfig()
     for handler in root.handlers:
-        if redactor not in handler.filters:
+        if getattr(handler, "redacts_batches", False):
+            handler.redactor = redactor  # type: ignore[attr-defined]
+        elif redactor not in handler.filters:
             handler.addFilter(redactor)

@@ -19,13 +19,13 @@ relayed as received.
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from ..s3auth import CredentialSource, S3AuthError
 from ..s3auth import verify as verify_sigv4
 from .access import Client, Gate
+from .client import Pool
 from .config import S3_PREFIX
 from .forward import Upstream, forward, request_headers, send_continue
 from .pages import s3_error
@@ -42,8 +42,7 @@ class S3Gate:
         self.gate = gate
         self.max_body = max_body
 
-    async def handle(self, request: web.BaseRequest, client: Client,
-                     session: aiohttp.ClientSession) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, client: Client, pool: Pool) -> web.StreamResponse:
         raw_path, _, raw_query = request.raw_path.partition("?")
         head = request.method == "HEAD"
         problem = method_problem(request.method)
@@ -75,4 +74,4 @@ class S3Gate:
         if not rest.startswith("/"):
             rest = "/" + rest
         headers = request_headers(request, client, keep=("host",))
-        return await forward(request, self.upstream, rest, session, headers)
+        return await forward(request, self.upstream, rest, pool, headers)

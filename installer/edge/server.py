@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 from aiohttp.abc import AbstractAccessLogger
 
 from .. import procs
@@ -37,9 +38,11 @@ from ..secrets import read_or_create_secret
 from .access import (COOKIE_MAX_AGE, COOKIE_NAME, SAFE_METHODS, Client, FailureThrottle, Gate, TokenSource,
                      is_websocket, loopback_host, same_origin)
 from .config import ProxyConfig, upstream_base, validate
+from .client import Pool, UpstreamError
 from .forward import SKIP_AUTO_HEADERS, Upstream, forward, request_headers, send_continue
-from .pages import HOW_TO_AUTHENTICATE, json_error, json_response, login_page, ui_starting_page
+from .pages import HOW_TO_AUTHENTICATE, SERVER_NAME, json_error, json_response, login_page, ui_starting_page
 from .protocol import ConnectionLimits, EdgeServer
+from .logbuffer import BufferedHandler, buffer_root_handlers, direct_handler
 from .redact import Redactor, install
 from .routes import area, body_problem, declares_body, method_problem, path_problem
 from .s3gate import S3Gate
@@ -55,10 +58,18 @@ _HEALTH_CACHE_S = 1.0
 
 
 class _AccessLogger(AbstractAccessLogger):
-    # The raw target goes in as sent: the redaction filter on the log handlers removes credentials.
+    # Set once logging is configured: the buffered handler the line may go to without a LogRecord.
+    direct: BufferedHandler | None = None
+
+    # The raw target goes in as sent: the redaction of the log handlers removes credentials.
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method, request.raw_path,
-                         response.status, response.body_length, time * 1000)
+        message = (f'{request.remote} "{request.method} {request.raw_path}" {response.status} '
+                   f'{response.body_length} {time * 1000:.1f}ms')
+        direct = self.direct
+        if direct is not None:
+            direct.line(self.logger.name, logging.INFO, message)
+        else:
+            self.logger.info("%s", message)
 
     @property
     def enabled(self) -> bool:
@@ -85,14 +96,14 @@ class Edge:
             self.s3_credentials = CredentialSource(None if config.no_auth else config.token_file,
                                                    config.s3_internal_secret_file)
             self.s3 = S3Gate(self.s3_credentials, self.gate, config.s3_max_body)
-        self.session: aiohttp.ClientSession | None = None
-        self.s3_session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # websockets only
+        self.pools: dict[str, Pool] = {}
         self._s3_secret: tuple[str, str] | None = None
         self._readiness: dict[str, tuple[float, bool]] = {}
         self._readiness_lock = asyncio.Lock()
 
     def secrets(self) -> list[str]:
-        """Every credential value the log must never show (asked for every log record: one stat per file)."""
+        """Every credential value the log must never show (asked twice per batch of log lines: one stat per file)."""
         values = self.gate.secrets()
         if self.s3_credentials is not None:
             # The token's S3 secret follows from the token just read, without a second look at its file.
@@ -111,32 +122,41 @@ class Edge:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def _pool(self, base: URL | None = None, unix_path: str | None = None, host_header: str | None = None) -> Pool:
+        config = self.config
+        # Idle pooled connections are dropped before common upstream keep-alive limits (5 s) expire, so a
+        # POST is never sent on a connection the upstream is closing (only bodyless requests are retried).
+        return Pool(base.host if base else None, base.port if base else None, unix_path=unix_path,
+                    host_header=host_header,
+                    limit=config.pool_size, connect_timeout=config.connect_timeout,
+                    read_timeout=config.read_timeout, idle_timeout=4.0)
+
     async def start(self) -> None:
+        self.pools = {"metadata": self._pool(self.metadata.base), "ui": self._pool(self.ui.base)}
+        if self.config.s3_socket is not None:
+            self.pools["s3"] = self._pool(unix_path=str(self.config.s3_socket), host_header="objectstore")
         timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self.config.connect_timeout,
                                         sock_read=self.config.read_timeout)
-        common = {"timeout": timeout, "auto_decompress": False, "cookie_jar": aiohttp.DummyCookieJar(),
-                  "trust_env": False, "raise_for_status": False, "skip_auto_headers": SKIP_AUTO_HEADERS}
-        # Idle pooled connections are dropped before common upstream keep-alive limits (5 s) expire, so a
-        # POST is never sent on a connection the upstream is closing (only idempotent requests are retried).
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.config.pool_size, limit_per_host=self.config.pool_size,
-                                           ttl_dns_cache=300, keepalive_timeout=4.0), **common)
-        if self.config.s3_socket is not None:
-            self.s3_session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=str(self.config.s3_socket), limit=self.config.pool_size,
-                                                keepalive_timeout=4.0), **common)
+                                           ttl_dns_cache=300, keepalive_timeout=4.0),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+            raise_for_status=False, skip_auto_headers=SKIP_AUTO_HEADERS)
 
     async def stop(self) -> None:
-        for session in (self.session, self.s3_session):
-            if session is not None:
-                await session.close()
+        for pool in self.pools.values():
+            pool.close()
+        if self.session is not None:
+            await self.session.close()
 
     # -- dispatch --------------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         response = await self._route(request)
-        if not response.prepared and response.status >= 400 and declares_body(request):
-            response.force_close()  # refused with a body, read or not: the connection ends with the refusal
+        if not response.prepared:
+            response.headers["Server"] = SERVER_NAME
+            if response.status >= 400 and declares_body(request):
+                response.force_close()  # refused with a body, read or not: the connection ends with the refusal
         return response
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -155,8 +175,8 @@ class Edge:
             return await self.healthz()
         client = self.gate.client(request)
         if where == "s3":
-            assert self.s3 is not None and self.s3_session is not None
-            return await self.s3.handle(request, client, self.s3_session)
+            assert self.s3 is not None
+            return await self.s3.handle(request, client, self.pools["s3"])
         if where == "ui" and "token" in request.query and request.method in ("GET", "HEAD"):
             return await self.token_login(request, client)
         how = await self.authenticate(request, client)
@@ -186,11 +206,12 @@ class Edge:
         if refused is not None:
             return refused
         if where == "api":
-            return await forward(request, self.ui, request.raw_path, self.session, request_headers(request, client))
+            return await forward(request, self.ui, request.raw_path, self.pools["ui"],
+                                 request_headers(request, client))
         rest = request.raw_path[len("/service"):]
         if not rest.startswith("/"):
             rest = "/" + rest
-        return await forward(request, self.metadata, rest, self.session, request_headers(request, client))
+        return await forward(request, self.metadata, rest, self.pools["metadata"], request_headers(request, client))
 
     # -- access control --------------------------------------------------------------------------
 
@@ -239,28 +260,31 @@ class Edge:
     # -- health ----------------------------------------------------------------------------------
 
     @staticmethod
-    async def _answers(upstream: Upstream, session: aiohttp.ClientSession) -> bool:
+    async def _answers(upstream: Upstream, pool: Pool) -> bool:
+        async def ask() -> bool:
+            response = await pool.request("GET", upstream.health_path, ())
+            try:
+                async for _ in response.chunks():
+                    pass
+            finally:
+                response.finish()
+            return response.status < 500
+
         try:
-            async with session.get(upstream.url(upstream.health_path),
-                                   timeout=aiohttp.ClientTimeout(total=3)) as response:
-                await response.read()
-                return response.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return await asyncio.wait_for(ask(), 3)
+        except (UpstreamError, asyncio.TimeoutError, OSError):
             return False
 
     async def _ready(self, part: str) -> bool:
         """Whether the metadata service, the UI backend or the object store answers (cached briefly:
         unauthenticated requests must not let anyone hammer the upstreams)."""
-        assert self.session is not None
         async with self._readiness_lock:
             now = time.monotonic()
             known = self._readiness.get(part)
             if known is None or now - known[0] > _HEALTH_CACHE_S:
-                if part == "s3":
-                    assert self.s3 is not None and self.s3_session is not None
-                    answers = await self._answers(self.s3.upstream, self.s3_session)
-                else:
-                    answers = await self._answers(self.metadata if part == "metadata" else self.ui, self.session)
+                upstream = self.s3.upstream if part == "s3" and self.s3 is not None else \
+                    self.metadata if part == "metadata" else self.ui
+                answers = await self._answers(upstream, self.pools[part])
                 known = self._readiness[part] = (time.monotonic(), answers)
             return known[1]
 
@@ -296,7 +320,11 @@ async def _serve(config: ProxyConfig) -> None:
     # The log format names none of these; collecting them costs a syscall and lookups on every record.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # Python 3.12+; unused before
-    install(Redactor(edge.secrets))
+    logging._srcfile = None  # nor the caller's file and line: no stack walk per record (logging HOWTO, "Optimization")
+    redactor = Redactor(edge.secrets)
+    buffered = buffer_root_handlers(redactor)
+    install(redactor)
+    _AccessLogger.direct = direct_handler(access_log)
     await edge.start()
     runner = web.ServerRunner(_server(edge, config), handle_signals=False, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
@@ -327,6 +355,8 @@ async def _serve(config: ProxyConfig) -> None:
     finally:
         await runner.cleanup()
         await edge.stop()
+        for handler in buffered:
+            handler.flush()
 
 
 def serve(config: ProxyConfig) -> None:

@@ -7,10 +7,9 @@ import logging
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .forward import Upstream
-from .pages import json_error
+from .pages import SERVER_NAME, json_error
 
 __all__ = ["relay_websocket"]
 
@@ -29,7 +28,7 @@ def _ws_close_code(code: int | None) -> int:
 
 
 async def relay_websocket(request: web.BaseRequest, upstream: Upstream, session: aiohttp.ClientSession,
-                          headers: CIMultiDict[str]) -> web.StreamResponse:
+                          headers: list[tuple[str, str]]) -> web.StreamResponse:
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
         upstream_ws = await session.ws_connect(
@@ -42,6 +41,7 @@ async def relay_websocket(request: web.BaseRequest, upstream: Upstream, session:
         return upstream.down()
     client_ws = web.WebSocketResponse(protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
                                       autoping=True, heartbeat=30.0, max_msg_size=_WS_MAX_MESSAGE)
+    client_ws.headers["Server"] = SERVER_NAME
     try:
         await client_ws.prepare(request)
     except Exception:
