@@ -214,14 +214,17 @@ def test_dot_segments_and_encoded_separators_never_reach_the_api(edge: hp.ProxyP
     assert len(recorder.seen) == before
 
 
-def test_trace_is_refused_and_upstream_cookies_and_server_are_dropped(edge: hp.ProxyProcess,
-                                                                       recorder: he.Recorder) -> None:
+def test_trace_is_refused_and_upstream_cookies_server_and_cors_are_dropped(edge: hp.ProxyProcess,
+                                                                            recorder: he.Recorder) -> None:
     before = len(recorder.seen)
     status, _, _ = hp.raw_request(edge.port, "TRACE", "/service/flows", headers={"x-api-key": edge.token})
     assert status == 405 and len(recorder.seen) == before
-    status, headers, _ = hp.raw_request(edge.port, "GET", "/service/flows", headers={"x-api-key": edge.token})
+    status, headers, _ = hp.raw_request(edge.port, "GET", "/service/flows",
+                                        headers={"x-api-key": edge.token, "Origin": f"http://127.0.0.1:{edge.port}"})
     assert status == 200 and recorder.seen[-1].target == "/flows"
     assert "set-cookie" not in headers and "RecorderServer" not in headers.get("server", "")
+    # The UI is served from the entry point's own origin: no upstream may open it to other sites.
+    assert not [name for name in headers if name.lower().startswith("access-control-")], headers
 
 
 def test_client_forwarding_headers_are_not_trusted(edge: hp.ProxyProcess, recorder: he.Recorder) -> None:

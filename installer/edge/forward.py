@@ -5,8 +5,8 @@ credentials (x-api-key, the session cookie) and minus every client-supplied
 X-Forwarded-* (the proxy sets its own: the client address as the access gate saw
 it, the scheme, the Host); the body exactly as framed by the client (Content-Length
 bytes, or chunks re-framed as chunks). Sent back: the status and end-to-end headers
-minus Set-Cookie (an upstream must not plant cookies on the stack's origin) and
-Server (ours replaces it).
+minus Set-Cookie (an upstream must not plant cookies on the stack's origin),
+Access-Control-* (nor open it to other sites) and Server (ours replaces it).
 
 The HTTP client is client.py's: a pooled upstream connection is reused only after
 a clean, complete, non-error exchange: any exception, and any error status, closes
@@ -119,7 +119,10 @@ def _response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
             break
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers:
-        if name.lower() not in drop:
+        lowered = name.lower()
+        # CORS too: the UI is served from this origin, and no upstream may open the stack to other sites
+        # (the object store echoes any Origin it is sent).
+        if lowered not in drop and not lowered.startswith("access-control-"):
             out.add(name, value)
     out["Server"] = SERVER_NAME
     return out
