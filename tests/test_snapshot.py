@@ -267,7 +267,8 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
     status_file.parent.mkdir()
     assert read_status(status_file) is None
     out = workdir / "watcher.log"
-    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
+    # A short heartbeat: the idle checks below must reach the status file within the 10 s.
+    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2, heartbeat=2)
     try:
         wait_for(lambda: len(list_generations(dest)) == 1, 60, "the watcher's first snapshot")
         insert(pg, 1, 2)  # shipped as a WAL piece after the first generation, not as a new generation
