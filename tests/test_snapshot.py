@@ -315,6 +315,50 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
         restored.stop()
 
 
+def test_watcher_rewrites_its_status_file_only_when_what_it_says_changes(pg: PgCluster, dest: Path,
+                                                                          workdir: Path) -> None:
+    """The status file lives under MF_ROOT, on Drive on Colab, where each rewrite is an upload."""
+    status_file = workdir / "state" / "snapshot-status.json"
+    status_file.parent.mkdir()
+    out = workdir / "watcher.log"
+    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, heartbeat=4)
+    try:
+        wait_for(lambda: (s := read_status(status_file)) and s.snapshots == 1 and s.state == "watching", 60,
+                 "the watcher's first snapshot")
+        time.sleep(1)
+        before = read_status(status_file)
+
+        # 12 s idle, PostgreSQL writing files at a checkpoint every 2 s: the watcher checks each time,
+        # and only the heartbeat (every 4 s) may rewrite the file.
+        def version() -> tuple[int, int]:
+            info = os.stat(status_file)
+            return info.st_ino, info.st_mtime_ns
+
+        seen, rewrites = version(), 0
+        end, next_checkpoint = time.monotonic() + 12, 0.0
+        with pg.connect() as conn:
+            while time.monotonic() < end:
+                if time.monotonic() >= next_checkpoint:
+                    conn.execute("CHECKPOINT")
+                    next_checkpoint = time.monotonic() + 2
+                if version() != seen:
+                    seen, rewrites = version(), rewrites + 1
+                time.sleep(0.02)
+        after = read_status(status_file)
+        assert after is not None and before is not None
+        assert after.checks - before.checks >= 4, (before, after, procs.tail(out))
+        assert 1 <= rewrites <= 4, f"{rewrites} rewrites for {after.checks - before.checks} idle checks"
+        assert after.snapshots == 1 and after.wal_pieces == 0 and after.state == "watching"
+
+        # A change of what it says is written at once, not at the next heartbeat.
+        insert(pg, 1)
+        committed = time.monotonic()
+        wait_for(lambda: read_status(status_file).wal_pieces == 1, 10, "the WAL piece in the status file")
+        assert time.monotonic() - committed < 3.5
+    finally:
+        procs.kill_tree([watcher])
+
+
 def ship(pg: PgCluster, dest: Path, chain: WalChain) -> None:
     with pg.connect() as conn:
         current = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
