@@ -47,7 +47,7 @@ class MetaflowRound:
     loss_window_s: float  # last finished run's end minus the end of the newest restored one (0: none lost)
     restore_note: str
     ends: dict[int, float] = field(default_factory=dict)
-    mid_snapshot: bool = False  # the watcher was taking a generation when the kill came
+    mid_snapshot: bool = False  # the watcher or a `snapshot` process was taking a generation at the kill
     amcheck: str = ""  # pg_amcheck's report on the restored database
 
 
