@@ -5,7 +5,7 @@ instant, restore into a fresh folder, amcheck, gap-free counters".
     python scripts/soak_snapshots.py [--rounds 50] [--rate 30] [--max-wait 8] [--seed N]
                                      [--drive] [--latency 0.05] [--upload-delay 1] [--reorder 1]
     python scripts/soak_snapshots.py --metaflow [--drive ...] [--rounds 10] [--max-wait 20] [--registry URL]
-                                     [--snapshot-every 3,10]
+                                     [--snapshot-every 3,10] [--after-run S]
 
 With --drive the snapshot folder is on the Drive-like FUSE mount (tests/drivefs.py) with that
 latency per operation and reordered uploads; the mount dies with everything else and the
@@ -20,6 +20,8 @@ successful runs must be a prefix of those that finished, with no run id handed o
 PGDATA and caches stay on local disk) and the new machine sees only what was uploaded.
 --snapshot-every LOW,HIGH also takes a snapshot from another process at random intervals (each
 makes the watcher start a new generation too), so kills land in the middle of generations.
+--after-run S kills 0..S seconds after a run finished instead of at any instant: while the run's
+last records are still being shipped and uploaded, where the loss window shows.
 
 Prints restores succeeded, the data-loss window (commit time of the last committed row minus
 that of the last restored row) median and max, and the restore time median. Needs root and
@@ -43,7 +45,7 @@ from tests.helpers_pg import crash_round, make_workdir, require_pg15  # noqa: E4
 
 
 def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str, drive: dict | None,
-                  snapshot_every: tuple[float, float] | None) -> int:
+                  snapshot_every: tuple[float, float] | None, after_run: float | None) -> int:
     from tests.conftest import stack_flags
     from tests.helpers_soak import check_round, metaflow_round
 
@@ -52,7 +54,8 @@ def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str, drive:
     where = (f"MF_ROOT on the Drive-like mount (latency {drive['latency'] * 1000:.0f} ms, upload delay "
              f"{drive['upload_delay']} s + 0..{drive['reorder']} s reordered)") if drive else "MF_ROOT on local disk"
     extra = f", snapshots every {snapshot_every[0]:g}..{snapshot_every[1]:g} s" if snapshot_every else ""
-    print(f"seed {seed}, {rounds} rounds of the whole stack with real runs, kill within {max_wait} s, {where}"
+    when = f"0..{after_run:g} s after a run finished" if after_run is not None else f"within {max_wait:g} s"
+    print(f"seed {seed}, {rounds} rounds of the whole stack with real runs, kill {when}, {where}"
           f"{extra}", flush=True)
     windows, failures, mid, started = [], 0, 0, time.monotonic()
     try:
@@ -60,7 +63,8 @@ def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str, drive:
             work = base / f"round-{number}"
             try:
                 result = metaflow_round(work, stack_flags(work / "metaflow-stack", registry), rng,
-                                        max_wait=max_wait, drive=drive, snapshot_every=snapshot_every)
+                                        max_wait=max_wait, drive=drive, snapshot_every=snapshot_every,
+                                        after_run=after_run)
                 check_round(result)
             except Exception as exc:  # a failed round is a finding, not the end of the soak
                 failures += 1
@@ -69,7 +73,9 @@ def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str, drive:
                 continue
             windows.append(result.loss_window_s)
             mid += result.mid_snapshot
-            print(f"round {number:3d}: {len(result.finished)} runs finished, {len(result.restored)} restored, "
+            lost = len([run for run in result.finished if run not in result.restored])
+            print(f"round {number:3d}: {len(result.finished)} runs finished, {len(result.restored)} restored "
+                  f"({lost} lost), "
                   f"next run id {result.next_id}, loss window {result.loss_window_s:5.2f} s, amcheck clean"
                   f"{' (killed mid-snapshot)' if result.mid_snapshot else ''}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
@@ -99,6 +105,8 @@ def main() -> int:
     parser.add_argument("--registry", default="http://127.0.0.1:5000", help="--metaflow: the local registry")
     parser.add_argument("--snapshot-every", default="", metavar="LOW,HIGH",
                         help="--metaflow: also snapshot from another process every LOW..HIGH seconds")
+    parser.add_argument("--after-run", type=float, default=None, metavar="S",
+                        help="--metaflow: kill 0..S seconds after a run finished")
     args = parser.parse_args()
     drive = {"latency": args.latency, "upload_delay": args.upload_delay, "reorder": args.reorder} \
         if args.drive else None
@@ -106,7 +114,7 @@ def main() -> int:
         every = tuple(float(part) for part in args.snapshot_every.split(",")) if args.snapshot_every else None
         if every is not None and len(every) != 2:
             parser.error("--snapshot-every takes two numbers: LOW,HIGH (seconds)")
-        return metaflow_soak(args.rounds, args.max_wait, args.seed, args.registry, drive, every)
+        return metaflow_soak(args.rounds, args.max_wait, args.seed, args.registry, drive, every, args.after_run)
     require_pg15()
     rng = random.Random(args.seed)
     base = make_workdir("mf-soak-")

@@ -135,9 +135,11 @@ def amcheck_stack(flags: dict) -> str:
 
 def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int = 1,
                    max_wait: float = 20.0, drive: dict | None = None,
-                   snapshot_every: tuple[float, float] | None = None) -> MetaflowRound:
+                   snapshot_every: tuple[float, float] | None = None, after_run: float | None = None) -> MetaflowRound:
     """Up, runs, SIGKILL at a random instant after `min_runs` finished runs, restore on a new PGDATA, check.
-    With `snapshot_every` (seconds, low and high) snapshots are also taken at random intervals meanwhile."""
+    With `snapshot_every` (seconds, low and high) snapshots are also taken at random intervals meanwhile.
+    With `after_run` the kill comes 0..`after_run` seconds after a run finished instead: when the
+    newest run's records are still on their way to the snapshot folder (the loss window)."""
     mount = None
     if drive is not None:
         mount = DriveMount(work / "content" / "drive", work / "google", seed=rng.randrange(1 << 30),
@@ -145,7 +147,7 @@ def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int
         (mount.mountpoint / "MyDrive").mkdir()
         flags = {**flags, "root": str(mount.mountpoint / "MyDrive" / "metaflow-stack")}
     try:
-        return _metaflow_round(work, flags, rng, min_runs, max_wait, mount, snapshot_every)
+        return _metaflow_round(work, flags, rng, min_runs, max_wait, mount, snapshot_every, after_run)
     finally:
         # A round that failed half-way must not leave its stack running (every process names `work`).
         leftovers = _stack_processes((str(work),))
@@ -157,7 +159,8 @@ def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int
 
 
 def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, max_wait: float,
-                    mount: DriveMount | None, snapshot_every: tuple[float, float] | None) -> MetaflowRound:
+                    mount: DriveMount | None, snapshot_every: tuple[float, float] | None,
+                    after_run: float | None) -> MetaflowRound:
     first = {**flags, "pgdata_dir": str(work / "machine1-pgdata")}
     if mount is not None:
         first["cache_dir"] = str(work / "machine1-cache")
@@ -174,7 +177,14 @@ def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, 
     while len(runner.finished) < min_runs:
         assert time.monotonic() < deadline and runner.is_alive(), "no run finished within 300 s"
         time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, max_wait))
+    if after_run is None:
+        time.sleep(rng.uniform(0.0, max_wait))
+    else:
+        seen = len(runner.finished)
+        while len(runner.finished) == seen:
+            assert time.monotonic() < deadline + 300 and runner.is_alive(), "no further run finished"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, after_run))
     # The runtime dies: the stack, the client and its flow, all at once.
     runner.stop.set()
     try:
