@@ -95,7 +95,7 @@ def google_drive_mount(path: str | os.PathLike[str], mounts: str = "/proc/self/m
         table = Path(mounts).read_text()
     except OSError:
         return None
-    target = Path(path).absolute()
+    target = Path(path).resolve()  # a local symlink into Drive counts as on Drive
     for line in table.splitlines():
         fields = line.split()
         if len(fields) >= 3 and fields[2] == "fuse.drive":
