@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
+
 import installer
 from installer import procs
 from installer.errors import SnapshotError
-from installer.services import DB_USER, snapshot_status_file
+from installer.services import DB_USER, dsn, snapshot_status_file
 from installer.settings import resolve
 from installer.snapshot import SnapshotStatus, read_status
 
@@ -44,7 +46,7 @@ class MetaflowRound:
     finished: list[int]  # run ids that finished successfully before the kill, in order
     restored: list[int]  # successful run ids the client lists after the restore
     next_id: int  # the id of the first run after the restore
-    loss_window_s: float  # last finished run's end minus the end of the newest restored one (0: none lost)
+    loss_window_s: float  # a lost finished run's end minus the newest restored record (0: none lost)
     restore_note: str
     ends: dict[int, float] = field(default_factory=dict)
     mid_snapshot: bool = False  # the watcher or a `snapshot` process was taking a generation at the kill
@@ -133,6 +135,20 @@ def amcheck_stack(flags: dict) -> str:
     return done.stdout
 
 
+def newest_record(flags: dict) -> float:
+    """When the newest record in the metadata database was written (unix time): the service
+    stamps every row of every table with ts_epoch (ms) as it inserts it."""
+    settings = resolve(flags)
+    password = (settings.secrets_dir / "db_password").read_text().strip()
+    with psycopg.connect(dsn(settings, password)) as conn:
+        tables = [row[0] for row in conn.execute(
+            "SELECT table_name FROM information_schema.columns WHERE column_name = 'ts_epoch'"
+            " AND table_schema = 'public'")]
+        newest = max((conn.execute(f'SELECT coalesce(max(ts_epoch), 0) FROM "{table}"').fetchone()[0]
+                      for table in tables), default=0)
+    return newest / 1000.0
+
+
 def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int = 1,
                    max_wait: float = 20.0, drive: dict | None = None,
                    snapshot_every: tuple[float, float] | None = None, after_run: float | None = None) -> MetaflowRound:
@@ -219,6 +235,7 @@ def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, 
         status = installer.up(**second)
         assert status.running and status.restored, status
         report = amcheck_stack(second)
+        newest = newest_record(second)
         restored = _successful_runs(env, client)
         done = subprocess.run([sys.executable, str(FLOWS / "tick_flow.py"), "--no-pylint", "run"], env=env,
                               cwd=client, capture_output=True, text=True, timeout=300)
@@ -229,8 +246,8 @@ def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, 
         if mount is not None:
             mount.kill()
     lost = [run for run in finished if run not in restored]
-    window = (ends[finished[-1]] - max((ends[r] for r in restored if r in ends), default=ends[finished[0]])
-              if lost else 0.0)
+    # The lost run wrote records all along; the newest restored record says how far the restore reached.
+    window = max(0.0, ends[finished[-1]] - newest) if lost else 0.0
     return MetaflowRound(finished, restored, next_id, window, status.restored, ends, mid_snapshot, report)
 
 
