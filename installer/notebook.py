@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import html
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import api, humanize
@@ -84,6 +86,24 @@ def in_colab() -> bool:
     except ImportError:
         return False
     return True
+
+
+def google_drive_mount(path: str | os.PathLike[str], mounts: str = "/proc/self/mounts") -> Path | None:
+    """The Google Drive mount point `path` lies under, or None. Colab mounts Drive as a FUSE file
+    system of type `fuse.drive` (at /content/drive)."""
+    try:
+        table = Path(mounts).read_text()
+    except OSError:
+        return None
+    target = Path(path).resolve()  # a local symlink into Drive counts as on Drive
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "fuse.drive":
+            # /proc/mounts writes spaces and other odd characters as octal escapes ("My\040Drive").
+            mount = Path(re.sub(r"\\([0-7]{3})", lambda found: chr(int(found.group(1), 8)), fields[1]))
+            if target == mount or mount in target.parents:
+                return mount
+    return None
 
 
 def widgets_available() -> bool:
@@ -178,6 +198,7 @@ class Panel:
         self.status: StackStatus | None = None
         self.error: StackError | None = None
         self.stopped: list[str] | None = None
+        self.drive_flushed: str | None = None  # what the stop did about Google Drive, when on Colab
         self.progress_lines: list[str] = []
         self._steps: dict[str, _Step] = {}
         self._clock = clock
@@ -258,8 +279,41 @@ class Panel:
             self.state = "stopped"
             self.status = None
         self._line("stopped " + (", ".join(stopped) if stopped else "nothing (nothing was running)"))
+        self.drive_flushed = self._flush_google_drive()
         self._render()
         return stopped
+
+    def _flush_google_drive(self) -> str | None:
+        """On Colab, once `down` has taken the final snapshot: upload what Drive still holds back.
+
+        Drive uploads in the background and whatever is pending when the runtime ends is lost; the
+        final snapshot is the newest state, so it must reach Google before the runtime goes."""
+        if not in_colab():
+            return None
+        try:
+            settings = api.settings(**self.flags)
+        except StackError:
+            return None
+        mounts = {mount for mount in (google_drive_mount(settings.root), google_drive_mount(settings.snapshot_dir))
+                  if mount is not None}
+        if not mounts:
+            return None
+        where = ", ".join(sorted(map(str, mounts)))
+        self._line(f"uploading what is pending to Google Drive ({where}): drive.flush_and_unmount()")
+        self._render()
+        try:
+            from google.colab import drive
+            drive.flush_and_unmount()
+        except Exception as exc:  # Colab's own errors have no common base class
+            sentence = (f"Google Drive could not be flushed ({type(exc).__name__}: {exc}); the last seconds of "
+                        "the final snapshot may not have reached Google: keep this runtime running a minute, "
+                        "or run `from google.colab import drive; drive.flush_and_unmount()` yourself")
+            self._line(sentence)
+            return sentence
+        sentence = (f"Google Drive flushed and unmounted ({where}): the final snapshot has reached Google; "
+                    "mount Drive again (drive.mount('/content/drive')) before starting the stack again")
+        self._line(sentence)
+        return sentence
 
     # -- progress --------------------------------------------------------
 
@@ -501,8 +555,9 @@ class _PanelView:
         panel = self.panel
         if panel.stopped is not None:
             names = ", ".join(panel.stopped) or "nothing was running"
+            drive = f"<div style='margin-top:6px'>{_esc(panel.drive_flushed)}.</div>" if panel.drive_flushed else ""
             return self._wrap(f"<div class='box warn'>Stopped: {_esc(names)}. The data stays in MF_ROOT and "
-                              "PGDATA_DIR; run the start cell again to bring the stack back.</div>")
+                              f"PGDATA_DIR; run the start cell again to bring the stack back.{drive}</div>")
         status = panel.status
         if status is None:
             return ""

@@ -14,7 +14,9 @@ A snapshot, in one database session:
   2. `pg_backup_start(label, fast => true)` gives the start LSN (a fresh checkpoint);
   3. every data file is read in 1 MiB chunks; a chunk is stored once, compressed, appended to
      this snapshot's pack file(s), and found by its sha256 through the manifests' chunk index,
-     so an unchanged chunk is never uploaded again;
+     so an unchanged chunk is never uploaded again; the index also holds the sha256 of the
+     compressed bytes as stored (zlib ignores some bits of its input, so a damaged byte can
+     still decompress to the right data: the stored bytes are checked before they are used);
   4. `pg_backup_stop(wait_for_archive => false)` gives the stop LSN and backup_label;
   5. the WAL segments from start to stop go into the generation like data files;
   6. the manifest is written under tmp/, fsynced, read back and renamed into generations/.
@@ -25,7 +27,8 @@ destination within about a second instead of a snapshot's worth of seconds. Rest
 the generation and then the unbroken run of its WAL pieces.
 
 Layout of the destination (only published manifests are trusted by restore):
-  generations/<id>.json   manifest: files with sizes, sha256 and chunk list, chunk index, LSNs
+  generations/<id>.json   manifest: files with sizes, sha256 and chunk list, chunk index, LSNs, and
+                          its own sha256
   packs/<id>-<n>.pack     zlib-compressed chunks, back to back (up to 64 MiB per pack)
   wal/<id>/<lsn>.wal      WAL pieces shipped after generation <id>: a JSON header line, then zlib
   tmp/                    partial writes; emptied under the lock before and after each snapshot
@@ -60,8 +63,9 @@ import psycopg
 from . import procs
 from .errors import SnapshotError
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)    # 1: one file per chunk under blobs/ (read, never written)
+FORMAT = 3
+# 1: one file per chunk under blobs/; 2: packs, without checksums of the stored bytes (both read, never written)
+READABLE_FORMATS = (1, 2, 3)
 CHUNK_SIZE = 1024 * 1024
 PACK_SIZE = 64 * 1024 * 1024
 DEFAULT_KEEP = 5
@@ -305,7 +309,7 @@ class _BlobStore:
         self.packs = dest / "packs"
         self.tmp = dest / "tmp"
         self.generations = dest / "generations"
-        self.index: dict[str, list[Any]] = {}     # digest -> [pack, offset, length] (pack None: blobs/)
+        self.index: dict[str, list[Any]] = {}     # digest -> [pack, offset, length, sha256 of the stored bytes]
         self.used: dict[str, list[Any]] = {}      # the part of the index this snapshot references
         self.prefix = pack_prefix or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         self.handle: Any = None
@@ -320,7 +324,9 @@ class _BlobStore:
         self.clear_tmp()
         for info in list_generations(self.dest):
             if info.ok and info.manifest is not None:
-                self.index.update(_chunk_index(info.manifest))
+                # Chunks stored without a checksum of their stored bytes are stored again, checked.
+                self.index.update((digest, location) for digest, location in _chunk_index(info.manifest).items()
+                                  if len(location) == 4 and location[0] is not None)
 
     def clear_tmp(self) -> None:
         if self.tmp.is_dir():
@@ -345,7 +351,7 @@ class _BlobStore:
             self.handle = open(self.packs / self.pack_name, "xb")
         offset = self.handle.tell()
         self.handle.write(data)
-        self.index[digest] = self.used[digest] = [self.pack_name, offset, len(data)]
+        self.index[digest] = self.used[digest] = [self.pack_name, offset, len(data), hashlib.sha256(data).hexdigest()]
         self.uploaded += len(data)
         self.new_chunks += 1
         return digest
@@ -375,7 +381,7 @@ class _ChunkReader:
         self.handles: dict[str, Any] = {}
 
     def read(self, digest: str) -> bytes:
-        pack, offset, length = self.index.get(digest, [None, 0, 0])
+        pack, offset, length, *stored = self.index.get(digest, [None, 0, 0])
         if pack is None:
             return _read_blob(self.dest, digest)
         try:
@@ -388,7 +394,12 @@ class _ChunkReader:
             raise _Corrupt(f"pack {pack} is missing") from None
         except OSError as exc:
             raise _Corrupt(f"pack {pack} cannot be read: {exc.strerror}") from None
-        return _check_chunk(data, digest, f"chunk {digest[:12]} in {pack}")
+        what = f"chunk {digest[:12]} at byte {offset} of pack {pack}"
+        if len(data) != length:
+            raise _Corrupt(f"{what} is truncated or damaged (only {len(data)} of {length} bytes)")
+        if stored and hashlib.sha256(data).hexdigest() != stored[0]:
+            raise _Corrupt(f"{what} is damaged (its stored bytes do not match their checksum)")
+        return _check_chunk(data, digest, what)
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -651,11 +662,14 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise _Corrupt(f"manifest cannot be read: {exc.strerror}") from None
     except ValueError:
-        raise _Corrupt("manifest is truncated or not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
-        raise _Corrupt("manifest has an unknown format")
+        raise _Corrupt("manifest is truncated or damaged (not valid JSON)") from None
+    if not isinstance(manifest, dict):
+        raise _Corrupt("manifest is damaged (not a JSON object)")
     if manifest.get("manifest_sha256") != _manifest_checksum(manifest):
-        raise _Corrupt("manifest does not match its checksum")
+        raise _Corrupt("manifest is damaged (it does not match its checksum)")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise _Corrupt(f"manifest has format {manifest.get('format')!r}, which this version cannot read "
+                       f"(it reads {', '.join(map(str, READABLE_FORMATS))}): upgrade the installer")
     return manifest
 
 
@@ -705,7 +719,7 @@ def _check_complete(dest: Path, manifest: dict[str, Any], deep: bool) -> None:
             location = index.get(digest)
             if location is None:
                 raise _Corrupt(f"chunk {digest[:12]} of {entry['path']} is not in the chunk index")
-            pack, offset, length = location
+            pack, offset, length = location[:3]
             if pack is None:
                 if not (dest / "blobs" / digest[:2] / digest).is_file():
                     raise _Corrupt(f"chunk {digest[:12]} of {entry['path']} is missing")

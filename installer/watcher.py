@@ -1,7 +1,7 @@
 """Snapshot PostgreSQL's data folder to the snapshot folder whenever the database changes.
 
     python -m installer.watcher --pgdata DIR --dest DIR --dsn-file PATH --status-file PATH
-                                [--keep N] [--debounce S] [--max-delay S]
+                                [--keep N] [--debounce S] [--max-delay S] [--heartbeat S]
 
 inotify wakes the watcher on writes anywhere in the data folder. Writes alone do not mean
 the data changed (PostgreSQL rewrites files at checkpoints, the snapshot itself forces
@@ -17,6 +17,10 @@ process published a newer generation, or when the WAL cannot be followed (a reco
 the replication slot that pins it). Work waits for `debounce` seconds without writes, but
 never more than `max-delay` seconds after the first write.
 
+The status file lives under MF_ROOT, on Google Drive on Colab, where every rewrite is an
+upload: it is rewritten when what it says changes (state, last snapshot or WAL piece, error),
+and otherwise only every `heartbeat` seconds to bring its counters (checks, wake-ups) up to date.
+
 Safe to kill at any instant and restart: the state worth keeping is on the destination
 (the newest manifest holds the transaction snapshot it covers), a killed snapshot leaves
 only temporary files that the next one removes, and the destination lock dies with us.
@@ -30,6 +34,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
@@ -45,6 +50,8 @@ log = logging.getLogger("installer.watcher")
 _MASK = (flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.DELETE | flags.MOVED_TO | flags.MOVED_FROM)
 _POLL_S = 60.0           # check the database even without wake-ups (inotify can overflow)
 _RETRY_S = (5.0, 120.0)  # back-off after a failed snapshot: first and longest wait
+_HEARTBEAT_S = 60.0      # the most seconds the status file's counters may lag behind
+_HEARTBEAT_FIELDS = ("updated_at", "checks", "wakeups")
 # A new generation once the chain holds this much: bounds restore work (one file per piece).
 _CHAIN_PIECES, _CHAIN_BYTES, _CHAIN_AGE_S = 100, 64 * 1024 * 1024, 600.0
 
@@ -55,7 +62,8 @@ class _Stop(BaseException):
 
 class Watcher:
     def __init__(self, pgdata: Path, dest: Path, dsn_file: Path, status_file: Path, *,
-                 keep: int = DEFAULT_KEEP, debounce: float = 0.2, max_delay: float = 1.0) -> None:
+                 keep: int = DEFAULT_KEEP, debounce: float = 0.2, max_delay: float = 1.0,
+                 heartbeat: float = _HEARTBEAT_S) -> None:
         self.pgdata = pgdata
         self.dest = dest
         self.dsn_file = dsn_file
@@ -70,6 +78,10 @@ class Watcher:
         self.slot: str | None = None  # temporary replication slot on self.conn: pins the chain's WAL
         self.watched: dict[int, Path] = {}
         self.status = _initial_status(_safe_read_status(status_file))
+        self.heartbeat = heartbeat
+        self._written: dict | None = None  # what the status file says, heartbeat fields aside
+        self._written_at = 0.0
+        self._unsaved = False  # heartbeat fields changed since the last write
 
     # -- inotify
 
@@ -189,7 +201,19 @@ class Watcher:
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
+        self._save_status()
+
+    def _save_status(self) -> None:
+        content = {key: value for key, value in asdict(self.status).items() if key not in _HEARTBEAT_FIELDS}
+        now = time.monotonic()
+        if content == self._written and now < self._written_at + self.heartbeat:
+            self._unsaved = True
+            return
         write_status(self.status_file, self.status)
+        self._written, self._written_at, self._unsaved = content, now, False
+
+    def _heartbeat_due(self) -> float:
+        return self._written_at + self.heartbeat if self._unsaved else float("inf")
 
     # -- main loop
 
@@ -199,16 +223,17 @@ class Watcher:
             pending, first_write, last_write = True, 0.0, 0.0  # check once at start: restarts lose nothing
             retry_at, backoff = 0.0, _RETRY_S[0]
             last_check = time.monotonic()
-            self._set_state("watching")
-            while True:
+            while True:  # the first check comes at once and writes the first status
                 due = self._due(pending, first_write, last_write, retry_at, last_check)
-                if self._drain(inotify, due - time.monotonic()):
+                if self._drain(inotify, min(due, self._heartbeat_due()) - time.monotonic()):
                     self.status.wakeups += 1
                     now = time.monotonic()
                     if not pending:
                         pending, first_write = True, now
                     last_write = now
                     due = self._due(pending, first_write, last_write, retry_at, last_check)
+                if time.monotonic() >= self._heartbeat_due():
+                    self._save_status()
                 if time.monotonic() < due:
                     continue
                 last_check = time.monotonic()
@@ -260,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debounce", type=float, default=0.2, help="seconds without writes before a snapshot")
     parser.add_argument("--max-delay", type=float, default=1.0,
                         help="most seconds between the first write and its snapshot under steady writes")
+    parser.add_argument("--heartbeat", type=float, default=_HEARTBEAT_S,
+                        help="rewrite the status file at least this often (seconds) while nothing else changes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     watcher = Watcher(args.pgdata, args.dest, args.dsn_file, args.status_file, keep=args.keep,
-                      debounce=args.debounce, max_delay=args.max_delay)
+                      debounce=args.debounce, max_delay=args.max_delay, heartbeat=args.heartbeat)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:

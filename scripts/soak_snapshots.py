@@ -4,17 +4,24 @@ instant, restore into a fresh folder, amcheck, gap-free counters".
 
     python scripts/soak_snapshots.py [--rounds 50] [--rate 30] [--max-wait 8] [--seed N]
                                      [--drive] [--latency 0.05] [--upload-delay 1] [--reorder 1]
-    python scripts/soak_snapshots.py --metaflow [--rounds 10] [--max-wait 20] [--registry URL]
+    python scripts/soak_snapshots.py --metaflow [--drive ...] [--rounds 10] [--max-wait 20] [--registry URL]
+                                     [--snapshot-every 3,10] [--after-run S]
 
 With --drive the snapshot folder is on the Drive-like FUSE mount (tests/drivefs.py) with that
 latency per operation and reordered uploads; the mount dies with everything else and the
-restore reads a new mount of what was uploaded. The write load is SQL (one row and one
-sequence-drawn run id per transaction), not Metaflow runs.
+restore reads a new mount of what was uploaded. Without --metaflow the write load is SQL (one
+row and one sequence-drawn run id per transaction).
 
 With --metaflow each round is the whole stack (production images from the local registry) with a
 client running real flows back to back, all SIGKILLed at a random instant; a new machine (empty
-PGDATA, same MF_ROOT) restores, and the client's successful runs must be a prefix of those that
-finished, with no run id handed out twice (tests/helpers_soak.py).
+PGDATA, same MF_ROOT) restores, the restored database must pass pg_amcheck, and the client's
+successful runs must be a prefix of those that finished, with no run id handed out twice
+(tests/helpers_soak.py). With --drive as well, the whole MF_ROOT is on the mount (as on Colab:
+PGDATA and caches stay on local disk) and the new machine sees only what was uploaded.
+--snapshot-every LOW,HIGH also takes a snapshot from another process at random intervals (each
+makes the watcher start a new generation too), so kills land in the middle of generations.
+--after-run S kills 0..S seconds after a run finished instead of at any instant: while the run's
+last records are still being shipped and uploaded, where the loss window shows.
 
 Prints restores succeeded, the data-loss window (commit time of the last committed row minus
 that of the last restored row) median and max, and the restore time median. Needs root and
@@ -37,19 +44,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers_pg import crash_round, make_workdir, require_pg15  # noqa: E402
 
 
-def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str) -> int:
+def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str, drive: dict | None,
+                  snapshot_every: tuple[float, float] | None, after_run: float | None) -> int:
     from tests.conftest import stack_flags
     from tests.helpers_soak import check_round, metaflow_round
 
     rng = random.Random(seed)
     base = make_workdir("mf-soak-metaflow-")
-    print(f"seed {seed}, {rounds} rounds of the whole stack with real runs, kill within {max_wait} s", flush=True)
-    windows, failures = [], 0
+    where = (f"MF_ROOT on the Drive-like mount (latency {drive['latency'] * 1000:.0f} ms, upload delay "
+             f"{drive['upload_delay']} s + 0..{drive['reorder']} s reordered)") if drive else "MF_ROOT on local disk"
+    extra = f", snapshots every {snapshot_every[0]:g}..{snapshot_every[1]:g} s" if snapshot_every else ""
+    when = f"0..{after_run:g} s after a run finished" if after_run is not None else f"within {max_wait:g} s"
+    print(f"seed {seed}, {rounds} rounds of the whole stack with real runs, kill {when}, {where}"
+          f"{extra}", flush=True)
+    windows, failures, mid, started = [], 0, 0, time.monotonic()
     try:
         for number in range(1, rounds + 1):
             work = base / f"round-{number}"
             try:
-                result = metaflow_round(work, stack_flags(work / "metaflow-stack", registry), rng, max_wait=max_wait)
+                result = metaflow_round(work, stack_flags(work / "metaflow-stack", registry), rng,
+                                        max_wait=max_wait, drive=drive, snapshot_every=snapshot_every,
+                                        after_run=after_run)
                 check_round(result)
             except Exception as exc:  # a failed round is a finding, not the end of the soak
                 failures += 1
@@ -57,15 +72,22 @@ def metaflow_soak(rounds: int, max_wait: float, seed: int, registry: str) -> int
                 traceback.print_exc()
                 continue
             windows.append(result.loss_window_s)
-            print(f"round {number:3d}: {len(result.finished)} runs finished, {len(result.restored)} restored, "
-                  f"next run id {result.next_id}, loss window {result.loss_window_s:5.2f} s", flush=True)
+            mid += result.mid_snapshot
+            lost = len([run for run in result.finished if run not in result.restored])
+            print(f"round {number:3d}: {len(result.finished)} runs finished, {len(result.restored)} restored "
+                  f"({lost} lost), "
+                  f"next run id {result.next_id}, loss window {result.loss_window_s:5.2f} s, amcheck clean"
+                  f"{' (killed mid-snapshot)' if result.mid_snapshot else ''}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print()
-    print(f"rounds good: {len(windows)}/{rounds}; no run id reused in any good round")
+    print(f"rounds good: {len(windows)}/{rounds} ({time.monotonic() - started:.0f} s in all): restored, "
+          f"pg_amcheck clean, runs a prefix of those finished, no run id reused")
     if windows:
-        print(f"data-loss window: median {statistics.median(windows):.2f} s, max {max(windows):.2f} s")
+        goal = 2.0 + (drive["upload_delay"] + drive["reorder"] if drive else 0.0)
+        print(f"data-loss window: median {statistics.median(windows):.2f} s, max {max(windows):.2f} s "
+              f"(goal <= {goal:.1f} s: 2 s plus the upload delay); killed mid-snapshot: {mid} round(s)")
     return 0 if not failures else 1
 
 
@@ -81,16 +103,23 @@ def main() -> int:
     parser.add_argument("--reorder", type=float, default=1.0, help="Drive: random extra upload delay, 0..S")
     parser.add_argument("--metaflow", action="store_true", help="the whole stack with real flows as the load")
     parser.add_argument("--registry", default="http://127.0.0.1:5000", help="--metaflow: the local registry")
+    parser.add_argument("--snapshot-every", default="", metavar="LOW,HIGH",
+                        help="--metaflow: also snapshot from another process every LOW..HIGH seconds")
+    parser.add_argument("--after-run", type=float, default=None, metavar="S",
+                        help="--metaflow: kill 0..S seconds after a run finished")
     args = parser.parse_args()
+    drive = {"latency": args.latency, "upload_delay": args.upload_delay, "reorder": args.reorder} \
+        if args.drive else None
     if args.metaflow:
-        return metaflow_soak(args.rounds, args.max_wait, args.seed, args.registry)
+        every = tuple(float(part) for part in args.snapshot_every.split(",")) if args.snapshot_every else None
+        if every is not None and len(every) != 2:
+            parser.error("--snapshot-every takes two numbers: LOW,HIGH (seconds)")
+        return metaflow_soak(args.rounds, args.max_wait, args.seed, args.registry, drive, every, args.after_run)
     require_pg15()
     rng = random.Random(args.seed)
     base = make_workdir("mf-soak-")
     results, failures = [], []
     started = time.monotonic()
-    drive = {"latency": args.latency, "upload_delay": args.upload_delay, "reorder": args.reorder} \
-        if args.drive else None
     where = (f"Drive-like mount (latency {args.latency * 1000:.0f} ms, upload delay {args.upload_delay} s "
              f"+ 0..{args.reorder} s reordered)") if drive else "a local folder"
     print(f"seed {args.seed}, {args.rounds} rounds, writer at {args.rate:.0f} commits/s, snapshots on {where}",

@@ -193,13 +193,14 @@ def start_writer(dsn: str, log_path: Path, rate: float, out: Path) -> int:
 
 
 def start_watcher(pgdata: Path, dest: Path, dsn: str, status: Path, out: Path, *,
-                  keep: int = 5, debounce: float = 0.2, max_delay: float = 1.0) -> int:
+                  keep: int = 5, debounce: float = 0.2, max_delay: float = 1.0, heartbeat: float | None = None) -> int:
     dsn_file = status.parent / "dsn"
     dsn_file.write_text(dsn + "\n")
     dsn_file.chmod(0o600)
     return procs.spawn([sys.executable, "-m", "installer.watcher", "--pgdata", str(pgdata), "--dest", str(dest),
                         "--dsn-file", str(dsn_file), "--status-file", str(status), "--keep", str(keep),
-                        "--debounce", str(debounce), "--max-delay", str(max_delay)], log_path=out, cwd=REPO)
+                        "--debounce", str(debounce), "--max-delay", str(max_delay)] +
+                       (["--heartbeat", str(heartbeat)] if heartbeat is not None else []), log_path=out, cwd=REPO)
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.1):  # type: ignore[no-untyped-def]

@@ -20,10 +20,13 @@ import re
 import secrets
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
+import psycopg
 import pytest
 import requests
 from nbclient import NotebookClient
@@ -32,9 +35,12 @@ import installer
 import installer.notebook as nb
 from installer import procs
 from installer.errors import ServiceFailed, StackError
-from installer.stack import Event, ServiceStatus, StackStatus
+from installer.settings import resolve
+from installer.snapshot import list_generations
+from installer.stack import Event, ServiceStatus, StackStatus, dsn
 
 from .conftest import REPO, SHARED_UDOCKER_DIR, free_port, stack_flags
+from .drivefs import DriveMount
 from .flowtools import client_env, read_latest_run
 
 NOTEBOOKS = REPO / "notebooks"
@@ -428,3 +434,87 @@ def test_plain_text_without_widgets_needs_no_kernel() -> None:
     no_view, available, lines = json.loads(done.stdout)
     assert no_view and not available
     assert lines == ["Metaflow stack: idle", "ok runtime     ready (0.5 s)"]
+
+
+# ---------------------------------------------------------------- Stop on Colab with Google Drive
+
+def fake_colab(monkeypatch: pytest.MonkeyPatch, flush_and_unmount: Any) -> None:
+    """`google.colab.drive` as Colab's runtime has it, with our own flush_and_unmount."""
+    google, colab, drive = (types.ModuleType(name) for name in ("google", "google.colab", "google.colab.drive"))
+    google.__path__, colab.__path__ = [], []
+    google.colab, colab.drive, drive.flush_and_unmount = colab, drive, flush_and_unmount
+    for module in (google, colab, drive):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_size for path in folder.rglob("*") if path.is_file()}
+
+
+def test_stop_on_colab_flushes_google_drive_after_the_final_snapshot(stack: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """MF_ROOT on a Drive-like mount (FUSE type fuse.drive, as Colab's): Stop runs `down`, which takes
+    the final snapshot, then drive.flush_and_unmount(), so that snapshot reaches Google."""
+    mount = DriveMount(tmp_path / "content" / "drive", tmp_path / "google", latency=0.05, upload_delay=1,
+                       reorder=1).start()
+    try:
+        root = mount.mountpoint / "MyDrive" / "metaflow-stack"
+        root.parent.mkdir()
+        stack.update(root=str(root), pgdata_dir=str(tmp_path / "local" / "pgdata"),
+                     cache_dir=str(tmp_path / "local" / "cache"))
+        settings = resolve(stack)
+        calls: list[dict[str, Any]] = []
+
+        def flush_and_unmount(timeout_ms: int = 24 * 60 * 60 * 1000) -> None:
+            calls.append({"running": [s.name for s in installer.status(**stack).services if s.state != "stopped"],
+                          "lines": list(panel.progress_lines),
+                          "snapshots": files_under(settings.snapshot_dir),
+                          "newest": list_generations(settings.snapshot_dir)[0].id})
+            mount.stop()  # what Colab's does: wait for every upload, then unmount
+
+        fake_colab(monkeypatch, flush_and_unmount)
+        panel = nb.start_stack(widgets=True, **stack)
+        assert panel.ok and panel.state == "running"
+        password = (settings.secrets_dir / "db_password").read_text().strip()
+        with psycopg.connect(dsn(settings, password)) as conn:
+            conn.execute("CREATE TABLE stop_probe (note text)")
+            conn.execute("INSERT INTO stop_probe VALUES ('written just before Stop')")
+
+        panel.view.stop_button.click()
+
+        assert panel.state == "stopped" and panel.error is None and len(calls) == 1, (calls, panel.lines())
+        call = calls[0]
+        assert call["running"] == [], f"Drive was flushed while {call['running']} still ran"
+        final = [n for n, line in enumerate(call["lines"]) if "final snapshot" in line]
+        assert final, f"no final snapshot before the flush:\n{call['lines']}"
+        assert "flush_and_unmount" in call["lines"][-1] and final[-1] < len(call["lines"]) - 1
+        # Everything the snapshot folder held at the flush is on "Google", whole.
+        uploaded = files_under(tmp_path / "google" / "MyDrive" / "metaflow-stack" / "snapshots")
+        assert {name: size for name, size in call["snapshots"].items() if not name.startswith("tmp/")} == \
+            {name: size for name, size in uploaded.items() if not name.startswith("tmp/")}
+        assert list_generations(tmp_path / "google" / "MyDrive" / "metaflow-stack" / "snapshots")[0].id == \
+            call["newest"]
+        assert not os.path.ismount(mount.mountpoint)
+        assert "Google Drive flushed and unmounted" in (panel.drive_flushed or "")
+        assert "Google Drive flushed and unmounted" in panel.view.result.value
+    finally:
+        mount.kill()
+
+
+def test_stop_flushes_nothing_when_the_stack_is_not_on_google_drive(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    fake_colab(monkeypatch, lambda *args, **kwargs: calls.append(1))
+    local = nb.Panel({"root": str(tmp_path / "local-root")}, widgets=False)
+    assert local.stop() == [] and local.drive_flushed is None and calls == []
+
+    # On a Drive-like mount but not on Colab (no google.colab to call): nothing to flush, no error.
+    mount = DriveMount(tmp_path / "content" / "drive", tmp_path / "google", latency=0.0, upload_delay=0,
+                       reorder=0).start()
+    try:
+        assert nb.google_drive_mount(mount.mountpoint / "MyDrive" / "x") == mount.mountpoint
+        monkeypatch.setitem(sys.modules, "google.colab", None)
+        on_drive = nb.Panel({"root": str(mount.mountpoint / "metaflow-stack")}, widgets=False)
+        assert on_drive.stop() == [] and on_drive.drive_flushed is None and calls == []
+    finally:
+        mount.kill()

@@ -173,6 +173,71 @@ def test_corrupt_truncated_and_incomplete_generations_are_skipped(pg: PgCluster,
         restored.stop()
 
 
+def test_any_flipped_byte_in_a_pack_or_manifest_is_detected_and_an_older_generation_restored(
+        pg: PgCluster, dest: Path, workdir: Path) -> None:
+    insert(pg, 1)
+    g1 = take_snapshot(pg.dsn, pg.datadir, dest).id
+    insert(pg, 2)
+    g2 = take_snapshot(pg.dsn, pg.datadir, dest).id
+    all_manifests = manifests(dest)
+    own = sorted({loc[0] for loc in all_manifests[g2]["chunk_index"].values()} -
+                 {loc[0] for loc in all_manifests[g1]["chunk_index"].values()})
+    assert own, "the second generation wrote no pack of its own"
+    pack = dest / "packs" / own[0]
+    manifest = dest / "generations" / f"{g2}.json"
+    # Inside the pack: its first byte (a zlib header), the middle of the data, its last byte (a
+    # checksum trailer), and a byte in the first and last chunk of the new ones at random depth.
+    extents = sorted((offset, length) for name, offset, length, _ in all_manifests[g2]["chunk_index"].values()
+                     if name == own[0])
+    size = pack.stat().st_size
+    offsets = {0, 1, size // 2, size - 1, extents[0][0] + extents[0][1] // 3,
+               extents[-1][0] + extents[-1][1] * 2 // 3}
+    targets = [(pack, offset) for offset in sorted(offsets)]
+    targets += [(manifest, offset) for offset in (0, manifest.stat().st_size // 2, manifest.stat().st_size - 2)]
+    for n, (path, offset) in enumerate(targets):
+        original = path.read_bytes()
+        damaged = bytearray(original)
+        damaged[offset] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        try:
+            report = restore(dest, workdir / f"restore-{n}" / "pgdata")
+        finally:
+            path.write_bytes(original)
+        assert report.generation == g1, f"a flipped bit at {path.name}:{offset} went unnoticed"
+        assert [gid for gid, _ in report.skipped] == [g2], report.skipped
+        why = report.skipped[0][1]
+        assert ("damaged" in why or "checksum" in why) and (own[0] in why or "manifest" in why), why
+
+    restored, report = start_restored(workdir, dest)  # everything put back: the newest again
+    try:
+        assert report.generation == g2 and report.skipped == [] and item_ids(restored) == [1, 2]
+    finally:
+        restored.stop()
+
+
+def test_a_format_2_generation_restores_and_the_next_one_stores_its_chunks_again_with_checksums(
+        pg: PgCluster, dest: Path, workdir: Path) -> None:
+    from installer.snapshot import _manifest_checksum
+
+    insert(pg, 1)
+    old = take_snapshot(pg.dsn, pg.datadir, dest)
+    path = dest / "generations" / f"{old.id}.json"
+    manifest = json.loads(path.read_text())  # as an earlier version wrote it: no checksum of stored bytes
+    manifest["format"] = 2
+    manifest["chunk_index"] = {digest: location[:3] for digest, location in manifest["chunk_index"].items()}
+    manifest["manifest_sha256"] = _manifest_checksum(manifest)
+    path.write_text(json.dumps(manifest))
+    report = restore(dest, workdir / "from-format-2" / "pgdata")
+    assert report.generation == old.id and report.skipped == []
+
+    old_packs = {location[0] for location in manifest["chunk_index"].values()}
+    new = take_snapshot(pg.dsn, pg.datadir, dest)
+    index = manifests(dest)[new.id]["chunk_index"]
+    assert manifests(dest)[new.id]["format"] == 3 and all(len(location) == 4 for location in index.values())
+    assert not old_packs & {location[0] for location in index.values()}, "chunks without checksums reused"
+    assert new.new_chunks == len(index)
+
+
 def test_restore_with_nothing_usable_names_every_reason(pg: PgCluster, dest: Path, workdir: Path) -> None:
     with pytest.raises(SnapshotError, match="no snapshot found"):
         restore(dest, workdir / "empty-dest-restore")
@@ -267,7 +332,8 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
     status_file.parent.mkdir()
     assert read_status(status_file) is None
     out = workdir / "watcher.log"
-    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2)
+    # A short heartbeat: the idle checks below must reach the status file within the 10 s.
+    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, debounce=0.5, max_delay=2, heartbeat=2)
     try:
         wait_for(lambda: len(list_generations(dest)) == 1, 60, "the watcher's first snapshot")
         insert(pg, 1, 2)  # shipped as a WAL piece after the first generation, not as a new generation
@@ -312,6 +378,50 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
         assert item_ids(restored) == [1, 2, 3]
     finally:
         restored.stop()
+
+
+def test_watcher_rewrites_its_status_file_only_when_what_it_says_changes(pg: PgCluster, dest: Path,
+                                                                          workdir: Path) -> None:
+    """The status file lives under MF_ROOT, on Drive on Colab, where each rewrite is an upload."""
+    status_file = workdir / "state" / "snapshot-status.json"
+    status_file.parent.mkdir()
+    out = workdir / "watcher.log"
+    watcher = start_watcher(pg.datadir, dest, pg.dsn, status_file, out, heartbeat=4)
+    try:
+        wait_for(lambda: (s := read_status(status_file)) and s.snapshots == 1 and s.state == "watching", 60,
+                 "the watcher's first snapshot")
+        time.sleep(1)
+        before = read_status(status_file)
+
+        # 12 s idle, PostgreSQL writing files at a checkpoint every 2 s: the watcher checks each time,
+        # and only the heartbeat (every 4 s) may rewrite the file.
+        def version() -> tuple[int, int]:
+            info = os.stat(status_file)
+            return info.st_ino, info.st_mtime_ns
+
+        seen, rewrites = version(), 0
+        end, next_checkpoint = time.monotonic() + 12, 0.0
+        with pg.connect() as conn:
+            while time.monotonic() < end:
+                if time.monotonic() >= next_checkpoint:
+                    conn.execute("CHECKPOINT")
+                    next_checkpoint = time.monotonic() + 2
+                if version() != seen:
+                    seen, rewrites = version(), rewrites + 1
+                time.sleep(0.02)
+        after = read_status(status_file)
+        assert after is not None and before is not None
+        assert after.checks - before.checks >= 4, (before, after, procs.tail(out))
+        assert 1 <= rewrites <= 4, f"{rewrites} rewrites for {after.checks - before.checks} idle checks"
+        assert after.snapshots == 1 and after.wal_pieces == 0 and after.state == "watching"
+
+        # A change of what it says is written at once, not at the next heartbeat.
+        insert(pg, 1)
+        committed = time.monotonic()
+        wait_for(lambda: read_status(status_file).wal_pieces == 1, 10, "the WAL piece in the status file")
+        assert time.monotonic() - committed < 3.5
+    finally:
+        procs.kill_tree([watcher])
 
 
 def ship(pg: PgCluster, dest: Path, chain: WalChain) -> None:

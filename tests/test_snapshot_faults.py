@@ -116,3 +116,19 @@ def test_a_stack_killed_during_real_runs_restores_a_prefix_of_them(tmp_path: Pat
     check_round(result)
     assert len(result.finished) >= 2
     assert "restored the database from snapshot" in result.restore_note
+
+
+def test_a_stack_on_drive_killed_during_real_runs_and_snapshots_restores_from_what_was_uploaded(
+        tmp_path: Path, registry: str) -> None:
+    """MF_ROOT on the Drive-like mount (50 ms per operation, uploads 1 s + 0..1 s late, reordered);
+    the mount dies with the stack, mid-way through a snapshot taken from another process."""
+    from .conftest import stack_flags
+    from .helpers_soak import check_round, metaflow_round
+
+    flags = stack_flags(tmp_path / "unused", registry)
+    result = metaflow_round(tmp_path, flags, random.Random(11), min_runs=2, max_wait=4.0,
+                            drive={"latency": 0.05, "upload_delay": 1.0, "reorder": 1.0},
+                            snapshot_every=(0.5, 1.5))
+    check_round(result)
+    assert len(result.finished) >= 2 and "restored the database from snapshot" in result.restore_note
+    assert result.loss_window_s <= 4.0, result
