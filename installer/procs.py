@@ -193,11 +193,11 @@ def descendants(pid: int, processes: Iterable[ProcInfo] | None = None) -> list[P
     return found
 
 
-def with_environment(name: str, value: str) -> list[ProcInfo]:
+def with_environment(name: str, value: str, processes: Iterable[ProcInfo] | None = None) -> list[ProcInfo]:
     """Every living process whose environment has `name=value` (children inherit it, orphans too)."""
     wanted = f"{name}={value}".encode()
     found = []
-    for info in all_processes():
+    for info in processes if processes is not None else all_processes():
         try:
             with open(f"/proc/{info.pid}/environ", "rb") as handle:
                 if wanted in handle.read().split(b"\0"):

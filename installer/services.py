@@ -215,6 +215,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
     s3_socket = socket_path(settings.root)
     # The UI backend reads runs' artifacts, logs and cards through the entry point's /s3 route.
     s3_plain, s3_secret = ui_backend_env(settings.port, secrets.s3_internal)
+    tags = {name: guest_tag(settings, name) for name in ("postgres", "metadata", "ui-backend")}
     postgres = Service(
         name="postgres",
         title="PostgreSQL",
@@ -223,7 +224,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         container=postgres_container(settings),
         argv=tuple(udocker.run_argv(
             postgres_container(settings), ["/bin/bash", "-c", _postgres_script()],
-            env={"MFSTACK_DB_PORT": str(settings.db_port), GUEST_TAG: guest_tag(settings, "postgres")},
+            env={"MFSTACK_DB_PORT": str(settings.db_port), GUEST_TAG: tags["postgres"]},
             env_file=pg_env_file,
             volumes=[(settings.pgdata_dir, PG_GUEST_DATA)])),
         secret_files={pg_env_file: _env_file({"MFSTACK_DB_PASSWORD": secrets.db_password})},
@@ -231,7 +232,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         health=Health("postgres", dsn(settings, secrets.db_password, dbname="postgres"),
                       ready_file=settings.pgdata_dir / "postmaster.pid"),
         stop=StopPolicy.POSTMASTER,
-        guest_tag=guest_tag(settings, "postgres"),
+        guest_tag=tags["postgres"],
         on_ready=hooks.prepare_database,
         before_stop=hooks.final_snapshot,
     )
@@ -244,7 +245,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         argv=tuple(udocker.run_argv(
             service_box, [SERVICE_PYTHON, "-m", "services.metadata_service.server"],
             env={**_database_env(settings), "MF_METADATA_HOST": "127.0.0.1",
-                 "MF_METADATA_PORT": str(settings.metadata_port), GUEST_TAG: guest_tag(settings, "metadata")},
+                 "MF_METADATA_PORT": str(settings.metadata_port), GUEST_TAG: tags["metadata"]},
             env_file=db_env_file,
             volumes=[(settings.datastore_dir, datastore)], workdir="/root")),
         secret_files=db_secret,
@@ -252,7 +253,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         health=Health("http", f"http://127.0.0.1:{settings.metadata_port}/ping", expect="pong"),
         stop=StopPolicy.GUEST_TERM,
         guest_marker="services.metadata_service.server",
-        guest_tag=guest_tag(settings, "metadata"),
+        guest_tag=tags["metadata"],
         depends_on=("postgres",),
     )
     ui_backend = Service(
@@ -272,7 +273,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
                  "CARD_CACHE_STORAGE_PATH": f"{ui_cache}/cards",
                  "PYTHONPATH": f"{UI_BACKEND_SITE_IN_GUEST}:/root", **s3_plain,
                  # Runs made with the local datastore stay readable at the path they recorded.
-                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore, GUEST_TAG: guest_tag(settings, "ui-backend")},
+                 "METAFLOW_DATASTORE_SYSROOT_LOCAL": datastore, GUEST_TAG: tags["ui-backend"]},
             env_file=ui_env_file,
             volumes=[(settings.datastore_dir, datastore), (ui_cache, str(ui_cache)),
                      (UI_BACKEND_SITE, UI_BACKEND_SITE_IN_GUEST)])),
@@ -280,7 +281,7 @@ def define(settings: Settings, udocker: Udocker, secrets: Secrets, hooks: Hooks)
         host_dirs=(settings.datastore_dir, ui_cache),
         health=Health("http", f"http://127.0.0.1:{settings.ui_port}/api/ping", expect="pong"),
         stop=StopPolicy.GUEST_KILL,
-        guest_tag=guest_tag(settings, "ui-backend"),
+        guest_tag=tags["ui-backend"],
         depends_on=("postgres",),
         # Flows need only PostgreSQL, the metadata service, the object store and the entry point: `up`
         # returns once those answer, and the entry point shows a "UI starting" page until this one does.

@@ -673,9 +673,9 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
         return stopped
 
 
-def _leftovers(service: Service) -> list[procs.ProcInfo]:
+def _leftovers(service: Service, processes: list[procs.ProcInfo] | None = None) -> list[procs.ProcInfo]:
     """Processes of a container service that outlived their proot (its pid is no longer recorded)."""
-    return procs.with_environment(GUEST_TAG, service.guest_tag) if service.guest_tag else []
+    return procs.with_environment(GUEST_TAG, service.guest_tag, processes) if service.guest_tag else []
 
 
 def _stop(stack: _Stack, service: Service, pid: int | None) -> None:
@@ -686,7 +686,7 @@ def _stop(stack: _Stack, service: Service, pid: int | None) -> None:
     table = procs.all_processes()
     tree = procs.descendants(pid, table) if pid is not None else []
     tree_pids = {p.pid for p in tree}
-    inside = tree + [p for p in _leftovers(service) if p.pid not in tree_pids and p.pid != pid]
+    inside = tree + [p for p in _leftovers(service, table) if p.pid not in tree_pids and p.pid != pid]
     members = ([pid] if pid is not None else []) + [p.pid for p in inside]
     if not members:
         return
@@ -758,8 +758,8 @@ def status(settings: Settings) -> StackStatus:
 def _status(settings: Settings, stack: _Stack) -> StackStatus:
     rows = []
     for service in stack.services:
-        pid = state.live_pid(settings, service.name)
         data = state.recorded(settings, service.name)
+        pid = state.alive(data)
         if pid is not None:
             condition = "running"
         elif data is not None and data.get("boot_id") == procs.boot_id():

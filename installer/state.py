@@ -43,7 +43,11 @@ def forget(settings: Settings, name: str) -> None:
 
 def live_pid(settings: Settings, name: str) -> int | None:
     """The recorded pid if that very process still runs (not a recycled pid)."""
-    data = recorded(settings, name)
+    return alive(recorded(settings, name))
+
+
+def alive(data: dict | None) -> int | None:
+    """The pid of a record (as `recorded` read it) if that very process still runs."""
     if not data or "pid" not in data:
         return None
     if data.get("boot_id") != procs.boot_id():
@@ -60,6 +64,6 @@ def dead(settings: Settings, skip: set[str] | frozenset[str] = frozenset()) -> l
     for path in sorted(settings.state_dir.glob("*.json")):
         data = recorded(settings, path.stem)
         if (path.stem not in skip and data and "pid" in data and data.get("boot_id") == procs.boot_id()
-                and live_pid(settings, path.stem) is None):
+                and alive(data) is None):
             gone.append(path.stem)
     return gone

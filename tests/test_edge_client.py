@@ -153,6 +153,16 @@ def _pool(upstream: Upstream, **kwargs) -> Pool:
     return Pool("127.0.0.1", upstream.port, **kwargs)
 
 
+def _get_twice(upstream: Upstream) -> list[tuple[int, bytes]]:
+    """Two requests in a row through one pool: whether the second reused the first's connection is
+    what the upstream's `received` says."""
+    async def run() -> list[tuple[int, bytes]]:
+        pool = _pool(upstream)
+        return [await _get(pool), await _get(pool)]
+
+    return asyncio.run(run())
+
+
 # ------------------------------------------------------------------------------------------------ reuse
 
 def test_a_connection_is_reused_after_a_clean_exchange(serve) -> None:
@@ -183,11 +193,7 @@ def test_a_connection_is_not_reused_after_an_error_status(serve, status: int) ->
 def test_a_connection_is_not_reused_after_connection_close(serve) -> None:
     upstream = serve(lambda request, n: (ok(extra=b"Connection: close\r\n"), False))
 
-    async def run() -> list[tuple[int, bytes]]:
-        pool = _pool(upstream)
-        return [await _get(pool), await _get(pool)]
-
-    assert asyncio.run(run()) == [(200, b"pong")] * 2
+    assert _get_twice(upstream) == [(200, b"pong")] * 2
     assert [r.connection for r in upstream.received] == [1, 2]
 
 
@@ -233,22 +239,14 @@ def test_bytes_beyond_the_response_mean_the_connection_is_dropped(serve) -> None
     smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
     upstream = serve(lambda request, n: (ok() + smuggled if request.connection == 1 else ok(b"second"), False))
 
-    async def run() -> list[tuple[int, bytes]]:
-        pool = _pool(upstream)
-        return [await _get(pool), await _get(pool)]
-
-    assert asyncio.run(run()) == [(200, b"pong"), (200, b"second")]
+    assert _get_twice(upstream) == [(200, b"pong"), (200, b"second")]
     assert [r.connection for r in upstream.received] == [1, 2]
 
 
 def test_a_response_framed_by_close_is_read_to_the_end_and_not_reused(serve) -> None:
     upstream = serve(lambda request, n: (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", True))
 
-    async def run() -> list[tuple[int, bytes]]:
-        pool = _pool(upstream)
-        return [await _get(pool), await _get(pool)]
-
-    assert asyncio.run(run()) == [(200, b"until the end")] * 2
+    assert _get_twice(upstream) == [(200, b"until the end")] * 2
     assert [r.connection for r in upstream.received] == [1, 2]
 
 
@@ -256,11 +254,7 @@ def test_a_chunked_response_is_decoded_and_its_connection_reused(serve) -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nabcd\r\n3\r\nefg\r\n0\r\nX-Trailer: t\r\n\r\n"
     upstream = serve(lambda request, n: (chunked, False))
 
-    async def run() -> list[tuple[int, bytes]]:
-        pool = _pool(upstream)
-        return [await _get(pool), await _get(pool)]
-
-    assert asyncio.run(run()) == [(200, b"abcdefg")] * 2
+    assert _get_twice(upstream) == [(200, b"abcdefg")] * 2
     assert [r.connection for r in upstream.received] == [1, 1]
 
 
