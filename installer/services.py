@@ -57,6 +57,9 @@ UI_BACKEND_TUNING: Mapping[str, str] = {
     "CACHE_DAG_STORAGE_LIMIT": "64000000",
     "CACHE_LOG_STORAGE_LIMIT": "64000000",
     "PREFETCH_RUNS_LIMIT": "1",
+    # Each cache server forks its pool's workers for work and lets them go after this long idle
+    # (our sitecustomize; upstream keeps them from the start).
+    "MFSTACK_CACHE_POOL_IDLE_S": "30",
     # The UI backend opens five pools (queries, cache, listen/notify, heartbeats, websockets); with a
     # minimum of 0 each connects when first used instead of holding an idle PostgreSQL backend
     # (~18 MiB each) from the start.

@@ -18,13 +18,18 @@ time through the proxy >= 0.95 of direct. The stack is always taken down at the 
 example `git archive <commit> | tar -x -C DIR`) with the stack proxy's own arguments on another
 port, measured interleaved with the others: before and after from one run, on the same load.
 
+--paced-upstream 0,1,5 runs one more proxy of this tree against a stand-in upstream that answers
+/ping after each fixed delay: the proxy's CPU per request when only its upstream's pace changes
+(a slower upstream means fewer events per wake-up of the proxy's loop).
+
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
 calls, aiohttp's server (parser, request and response objects), routing, auth, header handling,
 the upstream client, the access log.
 
     python scripts/bench_proxy.py [--requests 3000] [--concurrency 16] [--flow-runs 3]
-                                  [--baseline DIR] [--profile] [--registry http://127.0.0.1:5000]
+                                  [--baseline DIR] [--profile] [--paced-upstream 0,1,5]
+                                  [--registry http://127.0.0.1:5000]
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import installer
 from tests.test_proxy import FLOW
 
 SHARED_UDOCKER_DIR = "/var/tmp/mfstack-test-udocker"  # the images the tests pulled already
+SETTLE_S = 5.0  # after `up`, before the first measurement
 
 
 async def _load(url: str, headers: dict[str, str], total: int, concurrency: int) -> tuple[float, list[float]]:
@@ -115,12 +121,13 @@ def _compare(targets: list[Target], path: str, total: int, args: argparse.Namesp
 
 
 def _extra_proxy(stack_pid: int, tree: Path, workdir: Path, label: str,
-                 wrap: list[str] | None = None) -> tuple[subprocess.Popen, int]:
-    """Another proxy with the stack proxy's own arguments on a free port, its code from `tree`."""
+                 wrap: list[str] | None = None, overrides: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """Another proxy with the stack proxy's own arguments (but `overrides`) on a free port, its code from `tree`."""
     argv = Path(f"/proc/{stack_pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     args = [a.decode() for a in argv[3:]]  # after "python -m installer.proxy"
     port = _free_port()
-    args[args.index("--listen-port") + 1] = str(port)
+    for option, value in {**(overrides or {}), "--listen-port": str(port)}.items():
+        args[args.index(option) + 1] = value
     env = {**os.environ, "PYTHONPATH": str(tree)}
     log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
     command = [sys.executable, *(wrap or ["-m", "installer.proxy"]), *args]
@@ -233,6 +240,51 @@ def _profile(stack_pid: int, workdir: Path, key: dict[str, str], args: argparse.
         print(f"  GET {path}: {total:.0f} us per request under the profiler: {shown}")
 
 
+# A stand-in upstream that answers every request as the metadata service answers /ping, after a
+# fixed delay: what the proxy's CPU per request is when only its upstream's pace changes.
+_PACED_UPSTREAM = """
+import asyncio, sys
+delay, port = float(sys.argv[1]), int(sys.argv[2])
+ANSWER = (b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain; charset=utf-8\\r\\nContent-Length: 4\\r\\n"
+          b"Date: Wed, 02 Dec 2026 00:00:00 GMT\\r\\nServer: paced-stand-in\\r\\n\\r\\npong")
+class Paced(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        while b"\\r\\n\\r\\n" in self.buffer:
+            self.buffer = self.buffer.split(b"\\r\\n\\r\\n", 1)[1]
+            asyncio.get_running_loop().call_later(delay, self.transport.write, ANSWER)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Paced, "127.0.0.1", port)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[float],
+           args: argparse.Namespace) -> None:
+    print("proxy CPU per request against a stand-in upstream answering /ping after a fixed delay (not the real "
+          "service; only the upstream's pace changes):")
+    for delay in delays_ms:
+        port = _free_port()
+        upstream = subprocess.Popen([sys.executable, "-c", _PACED_UPSTREAM, str(delay / 1000), str(port)])
+        proc = None
+        try:
+            proc, proxy_port = _extra_proxy(stack_pid, REPO, workdir, "paced",
+                                            overrides={"--metadata-url": f"http://127.0.0.1:{port}"})
+            target = Target("paced", f"http://127.0.0.1:{proxy_port}/service", key, proc.pid)
+            measured = _compare([target], "/ping", args.requests, args)[0]
+            print(f"  upstream delay {delay:g} ms: CPU per request median {statistics.median(measured.cpu_us):.0f} us"
+                  f"   rounds {[round(x) for x in measured.cpu_us]}   throughput "
+                  f"{statistics.median(measured.rates):.0f} req/s")
+        finally:
+            if proc is not None:
+                _stop(proc)
+            upstream.kill()
+            upstream.wait()
+
+
 def _flow_env(workdir: Path, service_url: str, token: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAFLOW_")}
     env.update({"METAFLOW_DEFAULT_METADATA": "service", "METAFLOW_SERVICE_URL": service_url,
@@ -277,11 +329,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="source tree of a proxy to compare with, in the same run")
     parser.add_argument("--profile", action="store_true", help="also print where the proxy's CPU goes")
+    parser.add_argument("--paced-upstream", metavar="MS,MS", type=lambda text: [float(x) for x in text.split(",")],
+                        help="also measure the proxy against a stand-in upstream answering after these delays")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
@@ -293,11 +347,14 @@ def main() -> None:
         baseline = None
         try:
             began = time.perf_counter()
-            status = installer.up(**flags)
+            # The UI backend too, and then a pause: its start-up (several Pythons importing the Metaflow
+            # client) would otherwise take the CPU from the first rounds and inflate every figure.
+            status = installer.up(wait_ui=True, **flags)
             if not status.running:
                 raise SystemExit(f"the stack did not start: {status}")
             print(f"stack up in {time.perf_counter() - began:.1f} s (ports: proxy {flags['port']}, "
                   f"metadata {flags['metadata_port']})")
+            time.sleep(SETTLE_S)
             token = installer.token(**flags)
             if not token:
                 raise SystemExit("the stack has no access token")
@@ -321,6 +378,8 @@ def main() -> None:
                     target.flows.append(_run_flow(workdir, env)[0])
             if args.profile:
                 _profile(pid, workdir, key, args)
+            if args.paced_upstream:
+                _paced(pid, workdir, key, args.paced_upstream, args)
         finally:
             if baseline is not None:
                 _stop(baseline)

@@ -13,7 +13,8 @@ Prints, from one run (machines here are noisy: compare figures of one run, not a
   `udocker run` (same container, same database) to their first answer; the project's overhead is
   the warm figure over the floor;
 - `down` (median);
-- the whole stack's RSS and PSS at idle, and after --runs flows plus UI reads of each.
+- the whole stack's RSS and PSS at idle, after --runs flows plus UI reads of each, and once idle
+  again (the UI backend's cache pools let their workers go after MFSTACK_CACHE_POOL_IDLE_S).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import requests
 import installer
 from installer import procs
 from installer.connection import format_connection
-from installer.services import SERVICE_PYTHON, service_container
+from installer.services import SERVICE_PYTHON, UI_BACKEND_TUNING, service_container
 from installer.settings import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +195,8 @@ def main() -> None:
         installer.up(**flags)
         _use(flags, token, work, args.runs)
         used = _memory(flags)
+        time.sleep(float(UI_BACKEND_TUNING["MFSTACK_CACHE_POOL_IDLE_S"]) + 10)  # the cache pools' workers leave
+        rested = _memory(flags)
 
         def median(values: list[float]) -> str:
             return f"{statistics.median(values):6.2f} s (min {min(values):.2f}, max {max(values):.2f})"
@@ -215,6 +218,8 @@ def main() -> None:
         print(f"  memory at idle:           {idle[0]:6.0f} MiB RSS, {idle[1]:5.0f} MiB PSS, {idle[2]} processes"
               "   goal <= 700 MiB RSS")
         print(f"  memory after {args.runs} runs + UI: {used[0]:6.0f} MiB RSS, {used[1]:5.0f} MiB PSS, {used[2]} processes")
+        print(f"  memory idle again after:  {rested[0]:6.0f} MiB RSS, {rested[1]:5.0f} MiB PSS, {rested[2]} processes"
+              "   (the UI cache pools' workers gone; PostgreSQL keeps the backends of the UI backend's pools)")
     finally:
         try:
             installer.down(**flags)

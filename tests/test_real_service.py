@@ -22,6 +22,7 @@ import requests
 
 import installer
 from installer.connection import format_connection
+from installer.services import UI_BACKEND_TUNING
 
 from .browser import chromium, open_page  # noqa: F401  (chromium is a fixture)
 from .flowtools import FLOWS, connect_remote, read_latest_run, remote_env, run_flow
@@ -80,6 +81,17 @@ def read_logs_then_artifacts(tracked: SimpleNamespace) -> dict:
     return {"tasks": tasks, "stdout": stdout, "artifacts": artifacts}
 
 
+def cache_servers(flags: dict) -> dict[int, list[int]]:
+    """The UI backend's cache servers, each with the processes it has forked (its pool's workers)."""
+    from installer import procs
+
+    backend = next(s for s in installer.status(**flags).services if s.name == "ui-backend")
+    tree = procs.descendants(backend.pid)
+    servers = [p for p in tree if "cache.client.cache_server" in p.command and
+               not any(q.pid == p.ppid and "cache.client.cache_server" in q.command for q in tree)]
+    return {server.pid: [p.pid for p in tree if p.ppid == server.pid] for server in servers}
+
+
 def check_reads(reads: dict) -> None:
     steps = {task: step for step, task in reads["tasks"]}
     assert sorted(set(steps.values())) == ["_parameters", "end", "join", "square", "start"]
@@ -104,6 +116,15 @@ def test_logs_then_artifacts_read_back_twice_and_after_a_restart(tracked: Simple
 
     assert "ui-backend" in installer.down(**tracked.flags)
     assert installer.up(wait_ui=True, **tracked.flags).running
+    assert read_logs_then_artifacts(tracked) == first
+    # The log and artifact caches forked their workers to read; once idle, the workers leave (and
+    # the next read forks them again).
+    assert len(cache_servers(tracked.flags)) == 3
+    assert sum(map(len, cache_servers(tracked.flags).values())) >= 2
+    deadline = time.monotonic() + float(UI_BACKEND_TUNING["MFSTACK_CACHE_POOL_IDLE_S"]) + 30
+    while any(cache_servers(tracked.flags).values()):
+        assert time.monotonic() < deadline, cache_servers(tracked.flags)
+        time.sleep(1)
     assert read_logs_then_artifacts(tracked) == first
 
     # The client on the remote side still reads the logs: viewing them in the UI consumed nothing.

@@ -17,13 +17,24 @@ and each start is a new Python process (a cache server) that must import the Met
 it answers: about 2.5 s each under proot, and the UI backend listens only once all have answered.
 Here they start side by side; each is still started, and checked, exactly as before.
 
+And it keeps idle memory down. Each cache server forks its pool of workers (one each here) when it
+starts, and so holds ~50 MiB of processes that, until the UI reads a run, do nothing. Here a pool
+forks its workers when an action is handed to it, and they leave once the pool has been idle for
+POOL_IDLE_S: an idle UI backend holds no workers, and the next read costs one fork.
+
 This runs inside the container's own Python: standard library only.
 """
 
 import asyncio
 import importlib.abc
 import importlib.machinery
+import os
 import sys
+import threading
+
+# How long a cache server's pool keeps its worker processes once no action is running (the stack
+# sets it with the UI backend's other tuning).
+POOL_IDLE_S = float(os.environ.get("MFSTACK_CACHE_POOL_IDLE_S", "30"))
 
 
 def _lists_objects(metadata):
@@ -86,10 +97,100 @@ def _start_side_by_side(module):
     cache_store.start_caches = start_caches
 
 
+class _PoolOnDemand:
+    """The part of `multiprocessing.Pool` a cache server uses, whose processes exist only while there is work.
+
+    They are forked when an action is handed over and leave once none has been running for
+    POOL_IDLE_S. Callbacks run on the pool's result thread, and the retirement on a timer's, hence the lock.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._arguments = (args, kwargs)
+        self._pool = None
+        self._running = 0
+        self._retirement = None
+        self._terminated = None  # a pool terminate() stopped, until join() waits for it
+        self._lock = threading.Lock()
+
+    def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None):
+        with self._lock:
+            if self._retirement is not None:
+                self._retirement.cancel()
+                self._retirement = None
+            if self._pool is None:
+                import multiprocessing
+
+                pool_args, pool_kwargs = self._arguments
+                self._pool = multiprocessing.Pool(*pool_args, **pool_kwargs)
+            self._running += 1
+            pool = self._pool
+        return pool.apply_async(func, args, kwds or {}, callback=self._then_count(callback),
+                                error_callback=self._then_count(error_callback))
+
+    def _then_count(self, inner):
+        def finished(result):
+            try:
+                if inner is not None:
+                    inner(result)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    if self._running == 0 and self._pool is not None and self._retirement is None:
+                        self._retirement = threading.Timer(POOL_IDLE_S, self._retire)
+                        self._retirement.daemon = True
+                        self._retirement.start()
+        return finished
+
+    def _retire(self):
+        with self._lock:
+            if self._running or self._pool is None or self._retirement is None:
+                return
+            pool, self._pool, self._retirement = self._pool, None, None
+        pool.close()
+        pool.join()
+
+    def terminate(self):
+        with self._lock:
+            if self._retirement is not None:
+                self._retirement.cancel()
+                self._retirement = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+            self._terminated = pool
+
+    def join(self):
+        if self._terminated is not None:
+            self._terminated.join()
+
+
+class _MultiprocessingWithPoolOnDemand:
+    """The cache server's view of `multiprocessing`: the same module, but its Pools wait for work."""
+
+    Pool = _PoolOnDemand
+
+    def __getattr__(self, name):
+        return getattr(sys.modules["multiprocessing"], name)
+
+
+_CACHE_SERVER = "services.ui_backend_service.data.cache.client.cache_server"
+
+
+def _pools_on_demand(_module):
+    # The cache server runs as `python -m ...cache_server`, so it is `__main__` and no import of
+    # it can be intercepted; its first import after `multiprocessing` is its worker module.
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == _CACHE_SERVER and \
+            getattr(main, "multiprocessing", None) is sys.modules.get("multiprocessing"):
+        main.multiprocessing = _MultiprocessingWithPoolOnDemand()
+
+
 # What to change in which module, right after that module is first imported.
 _PATCHES = {
     "metaflow.datastore.flow_datastore": _guard,
     "services.ui_backend_service.data.cache.store": _start_side_by_side,
+    "services.ui_backend_service.data.cache.client.cache_worker": _pools_on_demand,
 }
 
 
