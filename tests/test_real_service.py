@@ -21,6 +21,7 @@ import pytest
 import requests
 
 import installer
+from installer import procs
 from installer.connection import format_connection
 from installer.services import UI_BACKEND_TUNING
 
@@ -83,8 +84,6 @@ def read_logs_then_artifacts(tracked: SimpleNamespace) -> dict:
 
 def cache_servers(flags: dict) -> dict[int, list[int]]:
     """The UI backend's cache servers, each with the processes it has forked (its pool's workers)."""
-    from installer import procs
-
     backend = next(s for s in installer.status(**flags).services if s.name == "ui-backend")
     tree = procs.descendants(backend.pid)
     servers = [p for p in tree if "cache.client.cache_server" in p.command and
@@ -119,8 +118,8 @@ def test_logs_then_artifacts_read_back_twice_and_after_a_restart(tracked: Simple
     assert read_logs_then_artifacts(tracked) == first
     # The log and artifact caches forked their workers to read; once idle, the workers leave (and
     # the next read forks them again).
-    assert len(cache_servers(tracked.flags)) == 3
-    assert sum(map(len, cache_servers(tracked.flags).values())) >= 2
+    servers = cache_servers(tracked.flags)
+    assert len(servers) == 3 and sum(map(len, servers.values())) >= 2, servers
     deadline = time.monotonic() + float(UI_BACKEND_TUNING["MFSTACK_CACHE_POOL_IDLE_S"]) + 30
     while any(cache_servers(tracked.flags).values()):
         assert time.monotonic() < deadline, cache_servers(tracked.flags)

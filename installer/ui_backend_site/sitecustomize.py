@@ -135,7 +135,7 @@ class _PoolOnDemand:
             finally:
                 with self._lock:
                     self._running -= 1
-                    if self._running == 0 and self._pool is not None and self._retirement is None:
+                    if self._running == 0 and self._pool is not None:
                         self._retirement = threading.Timer(POOL_IDLE_S, self._retire)
                         self._retirement.daemon = True
                         self._retirement.start()
@@ -143,7 +143,9 @@ class _PoolOnDemand:
 
     def _retire(self):
         with self._lock:
-            if self._running or self._pool is None or self._retirement is None:
+            # Only the timer still in charge retires: a cancelled one may already have been running.
+            # That one is set only while no action runs and a pool exists.
+            if self._retirement is not threading.current_thread():
                 return
             pool, self._pool, self._retirement = self._pool, None, None
         pool.close()
