@@ -18,9 +18,10 @@ time through the proxy >= 0.95 of direct. The stack is always taken down at the 
 example `git archive <commit> | tar -x -C DIR`) with the stack proxy's own arguments on another
 port, measured interleaved with the others: before and after from one run, on the same load.
 
---paced-upstream 0,1,5 runs one more proxy of this tree against a stand-in upstream that answers
-/ping after each fixed delay: the proxy's CPU per request when only its upstream's pace changes
-(a slower upstream means fewer events per wake-up of the proxy's loop).
+--paced-upstream 0,1,5 runs one more proxy of this tree (and, with --baseline, one of that tree,
+interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
+per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
+of the proxy's loop), and the ratio to the baseline at the same pace.
 
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
@@ -265,21 +266,30 @@ asyncio.run(main())
 def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[float],
            args: argparse.Namespace) -> None:
     print("proxy CPU per request against a stand-in upstream answering /ping after a fixed delay (not the real "
-          "service; only the upstream's pace changes):")
+          "service; only the upstream's pace changes"
+          f"{'; the baseline proxy against the same stand-in, interleaved' if args.baseline else ''}):")
+    trees = [("proxy", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
     for delay in delays_ms:
         port = _free_port()
         upstream = subprocess.Popen([sys.executable, "-c", _PACED_UPSTREAM, str(delay / 1000), str(port)])
-        proc = None
+        procs: list[subprocess.Popen] = []
         try:
-            proc, proxy_port = _extra_proxy(stack_pid, REPO, workdir, "paced",
-                                            overrides={"--metadata-url": f"http://127.0.0.1:{port}"})
-            target = Target("paced", f"http://127.0.0.1:{proxy_port}/service", key, proc.pid)
-            measured = _compare([target], "/ping", args.requests, args)[0]
-            print(f"  upstream delay {delay:g} ms: CPU per request median {statistics.median(measured.cpu_us):.0f} us"
-                  f"   rounds {[round(x) for x in measured.cpu_us]}   throughput "
-                  f"{statistics.median(measured.rates):.0f} req/s")
+            targets = []
+            for label, tree in trees:
+                proc, proxy_port = _extra_proxy(stack_pid, tree, workdir, f"paced-{label}",
+                                                overrides={"--metadata-url": f"http://127.0.0.1:{port}"})
+                procs.append(proc)
+                targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
+            measured = _compare(targets, "/ping", args.requests, args)
+            cpu = [statistics.median(target.cpu_us) for target in measured]
+            for target, median in zip(measured, cpu):
+                print(f"  upstream delay {delay:g} ms, {target.label:8}: CPU per request median {median:.0f} us"
+                      f"   rounds {[round(x) for x in target.cpu_us]}   throughput "
+                      f"{statistics.median(target.rates):.0f} req/s")
+            if len(cpu) == 2:
+                print(f"  upstream delay {delay:g} ms: proxy vs baseline CPU per request {cpu[0] / cpu[1]:.2f}x")
         finally:
-            if proc is not None:
+            for proc in procs:
                 _stop(proc)
             upstream.kill()
             upstream.wait()
