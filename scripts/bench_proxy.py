@@ -21,7 +21,9 @@ port, measured interleaved with the others: before and after from one run, on th
 --paced-upstream 0,1,5 runs one more proxy of this tree (and, with --baseline, one of that tree,
 interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
 per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
-of the proxy's loop), and the ratio to the baseline at the same pace.
+of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds two floors on
+the same stand-in, neither fit to serve anything: a byte pipe, and a lean relay (this tree's
+upstream client and path check on a bare asyncio protocol, no aiohttp server, no access log).
 
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
@@ -29,7 +31,7 @@ calls, aiohttp's server (parser, request and response objects), routing, auth, h
 the upstream client, the access log.
 
     python scripts/bench_proxy.py [--requests 3000] [--concurrency 16] [--flow-runs 3]
-                                  [--baseline DIR] [--profile] [--paced-upstream 0,1,5]
+                                  [--baseline DIR] [--profile] [--paced-upstream 0,1,5 [--floor]]
                                   [--registry http://127.0.0.1:5000]
 """
 
@@ -133,10 +135,15 @@ def _extra_proxy(stack_pid: int, tree: Path, workdir: Path, label: str,
     log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
     command = [sys.executable, *(wrap or ["-m", "installer.proxy"]), *args]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=str(tree))
+    return _listening(proc, port, label, workdir / f"{label}.log")
+
+
+def _listening(proc: subprocess.Popen, port: int, label: str, log: Path) -> tuple[subprocess.Popen, int]:
+    """(proc, port) once the proxy `proc` accepts connections on `port`; exits with its log if it dies."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the {label} proxy died while starting:\n{(workdir / f'{label}.log').read_text()}")
+            raise SystemExit(f"the {label} proxy died while starting:\n{log.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc, port
@@ -263,6 +270,89 @@ asyncio.run(main())
 """
 
 
+# Floors for --floor, each on the same stand-in upstream as the proxies (neither is fit to serve anything):
+# "pipe" relays bytes as they come, one upstream connection per client connection, no parsing or checks;
+# "lean" admits with an exact x-api-key match and this tree's path check, and relays with this tree's
+# upstream client, on a bare asyncio protocol: what the proxy would cost without aiohttp's server,
+# its request and response objects and the access log.
+_PIPE_FLOOR = """
+import asyncio, sys, uvloop
+listen, upstream = int(sys.argv[1]), int(sys.argv[2])
+class Back(asyncio.Protocol):
+    def __init__(self, front): self.front = front
+    def data_received(self, data): self.front.transport.write(data)
+class Front(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.back, self.queued = transport, None, []
+        asyncio.ensure_future(self.open())
+    async def open(self):
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: Back(self), "127.0.0.1", upstream)
+        self.back = transport
+        for data in self.queued: transport.write(data)
+    def data_received(self, data):
+        if self.back is None: self.queued.append(data)
+        else: self.back.write(data)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Front, "127.0.0.1", listen)
+    await server.serve_forever()
+uvloop.run(main())
+"""
+_LEAN_FLOOR = """
+import asyncio, hmac, os, sys, uvloop
+from installer.edge.client import Pool
+from installer.edge.routes import path_problem
+listen, upstream = int(sys.argv[1]), int(sys.argv[2])
+KEY, DROP = os.environ["BENCH_KEY"].encode(), {b"connection", b"keep-alive", b"host", b"x-api-key"}
+class Front(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.heads = transport, bytearray(), asyncio.Queue()
+        self.task = asyncio.ensure_future(self.serve())
+    def data_received(self, data):
+        self.buffer += data
+        while (end := self.buffer.find(b"\\r\\n\\r\\n")) >= 0:
+            self.heads.put_nowait(bytes(self.buffer[:end]))
+            del self.buffer[:end + 4]
+    def connection_lost(self, exc): self.task.cancel()
+    async def serve(self):
+        while True:
+            request_line, *lines = (await self.heads.get()).split(b"\\r\\n")
+            method, target, _version = request_line.decode().split(" ")
+            headers, key = [], b""
+            for line in lines:
+                name, _, value = line.partition(b":")
+                value = value.strip()
+                if name.lower() == b"x-api-key": key = value
+                elif name.lower() not in DROP: headers.append((name.decode(), value.decode()))
+            if not hmac.compare_digest(key, KEY) or path_problem(target, api=True):
+                self.transport.write(b"HTTP/1.1 401 Unauthorized\\r\\nContent-Length: 0\\r\\n\\r\\n")
+                continue
+            headers.append(("X-Forwarded-For", "127.0.0.1"))
+            answer = await POOL.request(method, target[len("/service"):], headers)
+            try:
+                body = answer.body or b""
+                head = [f"HTTP/1.1 {answer.status} {answer.reason}"]
+                head += [f"{n}: {v}" for n, v in answer.headers if n.lower() not in ("server", "connection", "content-length")]
+                head += ["Server: lean", f"Content-Length: {len(body)}", "", ""]
+                self.transport.write("\\r\\n".join(head).encode() + body)
+            finally:
+                answer.finish()
+async def main():
+    global POOL
+    POOL = Pool("127.0.0.1", upstream)
+    server = await asyncio.get_running_loop().create_server(Front, "127.0.0.1", listen)
+    await server.serve_forever()
+uvloop.run(main())
+"""
+
+
+def _floor(script: str, label: str, upstream_port: int, token: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(upstream_port)], cwd=str(REPO),
+                            env={**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": token}, stdout=log, stderr=log)
+    return _listening(proc, port, label, workdir / f"{label}.log")
+
+
 def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[float],
            args: argparse.Namespace) -> None:
     print("proxy CPU per request against a stand-in upstream answering /ping after a fixed delay (not the real "
@@ -280,13 +370,18 @@ def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[f
                                                 overrides={"--metadata-url": f"http://127.0.0.1:{port}"})
                 procs.append(proc)
                 targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
+            if args.floor:
+                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR)):
+                    proc, proxy_port = _floor(script, label, port, key["x-api-key"], workdir)
+                    procs.append(proc)
+                    targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
             measured = _compare(targets, "/ping", args.requests, args)
             cpu = [statistics.median(target.cpu_us) for target in measured]
             for target, median in zip(measured, cpu):
                 print(f"  upstream delay {delay:g} ms, {target.label:8}: CPU per request median {median:.0f} us"
                       f"   rounds {[round(x) for x in target.cpu_us]}   throughput "
                       f"{statistics.median(target.rates):.0f} req/s")
-            if len(cpu) == 2:
+            if args.baseline:
                 print(f"  upstream delay {delay:g} ms: proxy vs baseline CPU per request {cpu[0] / cpu[1]:.2f}x")
         finally:
             for proc in procs:
@@ -346,10 +441,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print where the proxy's CPU goes")
     parser.add_argument("--paced-upstream", metavar="MS,MS", type=lambda text: [float(x) for x in text.split(",")],
                         help="also measure the proxy against a stand-in upstream answering after these delays")
+    parser.add_argument("--floor", action="store_true",
+                        help="with --paced-upstream: also measure a byte pipe and a lean relay without aiohttp's server")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no installer/proxy.py there (a source tree of this project)")
+    if args.floor and not args.paced_upstream:
+        raise SystemExit("--floor measures on the stand-in upstream: give --paced-upstream too")
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
