@@ -533,9 +533,13 @@ def _manifest_checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def generation_id_at(when: float) -> str:
+    """The id a generation created at unix time `when` gets (ids sort by creation time)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+
+
 def _new_generation_id(generations: Path) -> str:
-    now = time.time()
-    base = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    base = generation_id_at(time.time())
     candidate, n = base, 1
     while (generations / f"{candidate}.json").exists():
         candidate, n = f"{base}-{n}", n + 1

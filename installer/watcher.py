@@ -43,7 +43,7 @@ from inotify_simple import INotify, flags
 
 from .errors import SnapshotError
 from .snapshot import (DEFAULT_KEEP, SnapshotCache, SnapshotStatus, WalChain, chain_after, database_state,
-                       newest_baseline, read_status, ship_wal, take_snapshot, write_status)
+                       generation_id_at, newest_baseline, read_status, ship_wal, take_snapshot, write_status)
 
 log = logging.getLogger("installer.watcher")
 
@@ -82,6 +82,7 @@ class Watcher:
         self._written: dict | None = None  # what the status file says, heartbeat fields aside
         self._written_at = 0.0
         self._unsaved = False  # heartbeat fields changed since the last write
+        self._snapshot_floor = ""  # no generation id from before our snapshot began sorts at or above this
 
     # -- inotify
 
@@ -158,6 +159,7 @@ class Watcher:
             return True
         self._set_state("snapshotting")
         self._reserve_wal()
+        self._snapshot_floor = generation_id_at(time.time())
         generation = take_snapshot(self._dsn(), self.pgdata, self.dest, self.keep, cache=self.cache)
         assert self.conn is not None
         row = self.conn.execute("SELECT (SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'),"
@@ -166,10 +168,11 @@ class Watcher:
         self.chain = chain_after(generation, row[0], row[1])
         self.baseline = generation.xact_snapshot
         st = self.status
-        st.last_id, st.last_at, st.last_size = generation.id, time.time(), generation.size
+        # One statement: a stop (stopped()) sees the new id together with its count, or neither.
+        st.last_id, st.snapshots = generation.id, st.snapshots + 1
+        st.last_at, st.last_size = time.time(), generation.size
         st.last_uploaded, st.last_duration_s = generation.uploaded, round(generation.duration_s, 3)
         st.last_error = st.last_error_at = None
-        st.snapshots += 1
         log.info("published %s: %d bytes, %d uploaded, %.2f s", generation.id, generation.size,
                  generation.uploaded, generation.duration_s)
         self._set_state("watching")
@@ -192,12 +195,31 @@ class Watcher:
         if self.slot is None or chain.pieces >= _CHAIN_PIECES or chain.bytes >= _CHAIN_BYTES or \
                 time.monotonic() - chain.started >= _CHAIN_AGE_S:
             return False
-        try:  # a generation published by someone else (`snapshot`, `down`) supersedes our chain
-            newest = max((name for name in os.listdir(self.dest / "generations") if name.endswith(".json")),
-                         default="")
+        # a generation published by someone else (`snapshot`, `down`) supersedes our chain
+        return self._newest_manifest() == f"{chain.generation}.json"
+
+    def _newest_manifest(self) -> str:
+        """The newest published manifest's file name; "" when none or unreadable."""
+        try:
+            return max((name for name in os.listdir(self.dest / "generations") if name.endswith(".json")),
+                       default="")
         except OSError:
-            return False
-        return newest == f"{chain.generation}.json"
+            return ""
+
+    def stopped(self) -> None:
+        """Write the final status. A stop that landed after our snapshot was published (while it pruned
+        old generations, say) still counts it: a manifest created after our snapshot began is ours, as
+        the destination's lock, held for the whole snapshot, kept anyone else from making one."""
+        st = self.status
+        if st.state == "snapshotting":
+            newest = self._newest_manifest()[:-len(".json")]
+            if newest and newest >= self._snapshot_floor and newest != st.last_id:
+                st.last_id, st.snapshots = newest, st.snapshots + 1
+                st.last_at, st.last_size, st.last_uploaded, st.last_duration_s = time.time(), None, None, None
+                st.last_error = st.last_error_at = None
+                log.info("published %s before the stop", newest)
+        st.state = "stopped"
+        write_status(self.status_file, st)
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
@@ -297,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         watcher.run()
     except _Stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        watcher.status.state = "stopped"
-        write_status(watcher.status_file, watcher.status)
+        watcher.stopped()
     return 0
 
 

@@ -380,6 +380,45 @@ def test_watcher_snapshots_changes_ignores_idle_and_survives_kill(pg: PgCluster,
         restored.stop()
 
 
+@pytest.mark.parametrize("stop_lands", ["after the publish", "before the publish"])
+def test_watcher_stopped_mid_snapshot_counts_only_what_it_published(pg: PgCluster, dest: Path, workdir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     stop_lands: str) -> None:
+    """SIGTERM raises inside whatever the watcher is doing; one that lands after the manifest is published
+    (while old generations are pruned, or before the watcher's bookkeeping) must still count it."""
+    from installer import watcher as watcher_module
+
+    dsn_file = workdir / "dsn"
+    dsn_file.write_text(pg.dsn + "\n")
+    status_file = workdir / "snapshot-status.json"
+    watcher = watcher_module.Watcher(pg.datadir, dest, dsn_file, status_file)
+    assert watcher.check_and_snapshot() and watcher.status.snapshots == 1  # the first generation, booked
+    first = watcher.status.last_id
+    insert(pg, 1)
+    watcher.chain = None  # a new generation this time, not a WAL piece
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if stop_lands == "after the publish":
+            take_snapshot(*args, **kwargs)
+        raise watcher_module._Stop()
+
+    monkeypatch.setattr(watcher_module, "take_snapshot", interrupted)
+    with pytest.raises(watcher_module._Stop):
+        watcher.check_and_snapshot()
+    watcher.stopped()
+    watcher.conn.close()
+
+    final = read_status(status_file)
+    generations = [g.id for g in list_generations(dest)]
+    assert final is not None and final.state == "stopped"
+    if stop_lands == "after the publish":
+        assert len(generations) == 2 and generations[0] != first
+        assert final.snapshots == 2 and final.last_id == generations[0] and final.last_error is None
+    else:
+        assert generations == [first]
+        assert final.snapshots == 1 and final.last_id == first
+
+
 def test_watcher_rewrites_its_status_file_only_when_what_it_says_changes(pg: PgCluster, dest: Path,
                                                                           workdir: Path) -> None:
     """The status file lives under MF_ROOT, on Drive on Colab, where each rewrite is an upload."""
