@@ -157,9 +157,9 @@ class Watcher:
                      self.chain.shipped_lsn)
             self._set_state("watching")
             return True
+        self._snapshot_floor = generation_id_at(time.time())  # before the state that stopped() reads it for
         self._set_state("snapshotting")
         self._reserve_wal()
-        self._snapshot_floor = generation_id_at(time.time())
         generation = take_snapshot(self._dsn(), self.pgdata, self.dest, self.keep, cache=self.cache)
         assert self.conn is not None
         row = self.conn.execute("SELECT (SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'),"

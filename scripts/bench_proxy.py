@@ -132,10 +132,11 @@ def _extra_proxy(stack_pid: int, tree: Path, workdir: Path, label: str,
     for option, value in {**(overrides or {}), "--listen-port": str(port)}.items():
         args[args.index(option) + 1] = value
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
+    log_path = workdir / f"{label}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     command = [sys.executable, *(wrap or ["-m", "installer.proxy"]), *args]
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=str(tree))
-    return _listening(proc, port, label, workdir / f"{label}.log")
+    return _listening(proc, port, label, log_path)
 
 
 def _listening(proc: subprocess.Popen, port: int, label: str, log: Path) -> tuple[subprocess.Popen, int]:
@@ -347,10 +348,11 @@ uvloop.run(main())
 
 def _floor(script: str, label: str, upstream_port: int, token: str, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    log = open(workdir / f"{label}.log", "w")  # noqa: SIM115 - closed with the process
+    log_path = workdir / f"{label}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(upstream_port)], cwd=str(REPO),
                             env={**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": token}, stdout=log, stderr=log)
-    return _listening(proc, port, label, workdir / f"{label}.log")
+    return _listening(proc, port, label, log_path)
 
 
 def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[float],
