@@ -21,9 +21,11 @@ port, measured interleaved with the others: before and after from one run, on th
 --paced-upstream 0,1,5 runs one more proxy of this tree (and, with --baseline, one of that tree,
 interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
 per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
-of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds two floors on
-the same stand-in, neither fit to serve anything: a byte pipe, and a lean relay (this tree's
-upstream client and path check on a bare asyncio protocol, no aiohttp server, no access log).
+of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds three floors on
+the same stand-in, none fit to serve anything: a byte pipe; a lean relay (this tree's upstream
+client and path check on a bare asyncio protocol, no aiohttp server, no access log); and the same
+relay behind aiohttp's low-level server (aiohttp's request layer without the proxy's admission,
+header filtering, connection guards or access log).
 
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
@@ -89,8 +91,14 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time the process has used, all its threads: from the scheduler in ns where the kernel keeps it
+    (clock ticks of 10 ms would quantise a round's figure by a few percent), else in clock ticks."""
+    try:
+        return sum(int((task / "schedstat").read_text().split()[0])
+                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -271,11 +279,13 @@ asyncio.run(main())
 """
 
 
-# Floors for --floor, each on the same stand-in upstream as the proxies (neither is fit to serve anything):
+# Floors for --floor, each on the same stand-in upstream as the proxies (none is fit to serve anything):
 # "pipe" relays bytes as they come, one upstream connection per client connection, no parsing or checks;
 # "lean" admits with an exact x-api-key match and this tree's path check, and relays with this tree's
 # upstream client, on a bare asyncio protocol: what the proxy would cost without aiohttp's server,
-# its request and response objects and the access log.
+# its request and response objects and the access log; "aiohttp" is the lean relay behind aiohttp's
+# low-level server, with its request and response objects: aiohttp's request layer without the
+# proxy's admission, header filtering, connection guards and access log.
 _PIPE_FLOOR = """
 import asyncio, sys, uvloop
 listen, upstream = int(sys.argv[1]), int(sys.argv[2])
@@ -346,6 +356,36 @@ uvloop.run(main())
 """
 
 
+_AIOHTTP_FLOOR = """
+import asyncio, hmac, os, sys, uvloop
+from aiohttp import web, web_server
+from installer.edge.client import Pool
+from installer.edge.routes import path_problem
+listen, upstream = int(sys.argv[1]), int(sys.argv[2])
+KEY, DROP = os.environ["BENCH_KEY"].encode(), {"connection", "keep-alive", "host", "x-api-key"}
+async def handle(request):
+    if not hmac.compare_digest(request.headers.get("x-api-key", "").encode(), KEY) \\
+            or path_problem(request.raw_path, api=True):
+        return web.Response(status=401)
+    headers = [(n, v) for n, v in request.headers.items() if n.lower() not in DROP]
+    headers.append(("X-Forwarded-For", "127.0.0.1"))
+    answer = await POOL.request(request.method, request.raw_path[len("/service"):], headers)
+    try:
+        kept = [(n, v) for n, v in answer.headers if n.lower() not in ("server", "connection", "content-length")]
+        return web.Response(status=answer.status, reason=answer.reason, headers=kept, body=answer.body)
+    finally:
+        answer.finish()
+async def main():
+    global POOL
+    POOL = Pool("127.0.0.1", upstream)
+    runner = web.ServerRunner(web_server.Server(handle), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", listen).start()
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
 def _floor(script: str, label: str, upstream_port: int, token: str, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     log_path = workdir / f"{label}.log"
@@ -373,7 +413,7 @@ def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[f
                 procs.append(proc)
                 targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
             if args.floor:
-                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR)):
+                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR), ("aiohttp", _AIOHTTP_FLOOR)):
                     proc, proxy_port = _floor(script, label, port, key["x-api-key"], workdir)
                     procs.append(proc)
                     targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
@@ -444,7 +484,8 @@ def main() -> None:
     parser.add_argument("--paced-upstream", metavar="MS,MS", type=lambda text: [float(x) for x in text.split(",")],
                         help="also measure the proxy against a stand-in upstream answering after these delays")
     parser.add_argument("--floor", action="store_true",
-                        help="with --paced-upstream: also measure a byte pipe and a lean relay without aiohttp's server")
+                        help="with --paced-upstream: also measure a byte pipe, a lean relay, and that relay "
+                             "behind aiohttp's server")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
