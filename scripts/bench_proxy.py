@@ -21,11 +21,12 @@ port, measured interleaved with the others: before and after from one run, on th
 --paced-upstream 0,1,5 runs one more proxy of this tree (and, with --baseline, one of that tree,
 interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
 per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
-of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds three floors on
+of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds four floors on
 the same stand-in, none fit to serve anything: a byte pipe; a lean relay (this tree's upstream
-client and path check on a bare asyncio protocol, no aiohttp server, no access log); and the same
+client and path check on a bare asyncio protocol, no aiohttp server, no access log); the same
 relay behind aiohttp's low-level server (aiohttp's request layer without the proxy's admission,
-header filtering, connection guards or access log).
+header filtering, connection guards or access log); and this tree's whole request handler behind a
+bare request layer (what a request layer of the proxy's own would save).
 
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
@@ -386,12 +387,85 @@ uvloop.run(main())
 """
 
 
+# "edge" runs this tree's whole request handler (Edge.handle: admission, header filtering, the relay, the
+# response objects, the access log) behind a bare request layer: aiohttp's C parser on a plain protocol,
+# none of aiohttp's request loop, request objects or response writing. What a request layer of the
+# proxy's own would save, with everything above it unchanged. GET without a body only.
+_EDGE_FLOOR = """
+import asyncio, os, sys, uvloop
+from collections import deque
+from pathlib import Path
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpRequestParser
+from installer.edge import server
+from installer.edge.config import ProxyConfig
+from installer.edge.logbuffer import buffer_root_handlers, direct_handler
+from installer.edge.redact import Redactor, install
+from installer.procs import service_main
+from installer.secrets import write_secret
+listen, upstream = int(sys.argv[1]), int(sys.argv[2])
+class Request:
+    __slots__ = ("method", "raw_path", "headers", "version", "remote", "host", "content_length", "content")
+    scheme, body_exists, query, cookies = "http", False, {}, {}
+    def __init__(self, message, remote):
+        self.method, self.raw_path, self.headers = message.method, message.path, message.headers
+        self.version, self.remote, self.host = message.version, remote, message.headers.get("Host", "")
+        self.content_length, self.content = None, None
+class Connection(BaseProtocol):
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.parser = HttpRequestParser(self, self._loop, 2 ** 16, max_line_size=16384, max_field_size=16384)
+        self.remote, self.queue, self.waiter = transport.get_extra_info("peername")[0], deque(), None
+        self.task = self._loop.create_task(self.serve())
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.task.cancel()
+    def data_received(self, data):
+        messages, _, _ = self.parser.feed_data(data)
+        self.queue.extend(messages)
+        if messages and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+    async def serve(self):
+        while True:
+            if not self.queue:
+                self.waiter = self._loop.create_future()
+                await self.waiter
+            message, _ = self.queue.popleft()
+            began = self._loop.time()
+            request = Request(message, self.remote)
+            response = await EDGE.handle(request)
+            body = response.body or b""
+            head = [f"HTTP/1.1 {response.status} {response.reason}"]
+            head += [f"{k}: {v}" for k, v in response.headers.items() if k.lower() != "content-length"]
+            head += [f"Content-Length: {len(body)}", "", ""]
+            self.transport.write("\\r\\n".join(head).encode() + body)
+            ACCESS.log(request, response, self._loop.time() - began)
+async def main():
+    global EDGE, ACCESS
+    folder = Path(os.environ["BENCH_DIR"]) / "edge-floor"
+    folder.mkdir(exist_ok=True)  # one per delay, the same folder
+    (folder / "index.html").write_text("ui")
+    write_secret(folder / "token", os.environ["BENCH_KEY"])
+    EDGE = server.build_app(ProxyConfig("127.0.0.1", listen, f"http://127.0.0.1:{upstream}", "http://127.0.0.1:9",
+                                        folder, folder / "token"))
+    install(redactor := Redactor(EDGE.secrets))
+    buffer_root_handlers(redactor)
+    server._AccessLogger.direct = direct_handler(server.access_log)
+    ACCESS = server._AccessLogger(server.access_log, "")
+    await EDGE.start()
+    loop = asyncio.get_running_loop()
+    await (await loop.create_server(lambda: Connection(loop), "127.0.0.1", listen)).serve_forever()
+service_main(lambda: uvloop.run(main()))
+"""
+
+
 def _floor(script: str, label: str, upstream_port: int, token: str, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     log_path = workdir / f"{label}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen([sys.executable, "-c", script, str(port), str(upstream_port)], cwd=str(REPO),
-                            env={**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": token}, stdout=log, stderr=log)
+                            env={**os.environ, "PYTHONPATH": str(REPO), "BENCH_KEY": token, "BENCH_DIR": str(workdir)},
+                            stdout=log, stderr=log)
     return _listening(proc, port, label, log_path)
 
 
@@ -413,7 +487,8 @@ def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[f
                 procs.append(proc)
                 targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
             if args.floor:
-                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR), ("aiohttp", _AIOHTTP_FLOOR)):
+                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR), ("aiohttp", _AIOHTTP_FLOOR),
+                                      ("edge", _EDGE_FLOOR)):
                     proc, proxy_port = _floor(script, label, port, key["x-api-key"], workdir)
                     procs.append(proc)
                     targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
@@ -484,8 +559,8 @@ def main() -> None:
     parser.add_argument("--paced-upstream", metavar="MS,MS", type=lambda text: [float(x) for x in text.split(",")],
                         help="also measure the proxy against a stand-in upstream answering after these delays")
     parser.add_argument("--floor", action="store_true",
-                        help="with --paced-upstream: also measure a byte pipe, a lean relay, and that relay "
-                             "behind aiohttp's server")
+                        help="with --paced-upstream: also measure a byte pipe, a lean relay, that relay behind "
+                             "aiohttp's server, and the proxy's handler behind a bare request layer")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
