@@ -399,8 +399,6 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpRequestParser
 from installer.edge import server
 from installer.edge.config import ProxyConfig
-from installer.edge.logbuffer import buffer_root_handlers, direct_handler
-from installer.edge.redact import Redactor, install
 from installer.procs import service_main
 from installer.secrets import write_secret
 listen, upstream = int(sys.argv[1]), int(sys.argv[2])
@@ -448,9 +446,7 @@ async def main():
     write_secret(folder / "token", os.environ["BENCH_KEY"])
     EDGE = server.build_app(ProxyConfig("127.0.0.1", listen, f"http://127.0.0.1:{upstream}", "http://127.0.0.1:9",
                                         folder, folder / "token"))
-    install(redactor := Redactor(EDGE.secrets))
-    buffer_root_handlers(redactor)
-    server._AccessLogger.direct = direct_handler(server.access_log)
+    server.configure_logging(EDGE)
     ACCESS = server._AccessLogger(server.access_log, "")
     await EDGE.start()
     loop = asyncio.get_running_loop()

@@ -49,7 +49,7 @@ from .s3gate import S3Gate
 from .static import StaticFiles
 from .websocket import relay_websocket
 
-__all__ = ["Edge", "build_app", "main", "serve"]
+__all__ = ["Edge", "build_app", "configure_logging", "main", "serve"]
 
 log = logging.getLogger("installer.proxy")
 access_log = logging.getLogger("installer.proxy.access")
@@ -315,8 +315,9 @@ def _server(edge: Edge, config: ProxyConfig) -> EdgeServer:
                       max_headers=config.max_headers)
 
 
-async def _serve(config: ProxyConfig) -> None:
-    edge = build_app(config)
+def configure_logging(edge: Edge) -> list[BufferedHandler]:
+    """The proxy's logging: every handler redacts `edge`'s secrets and writes in batches, access lines
+    skip the LogRecord. Returns the buffered handlers, to flush on exit."""
     # The log format names none of these; collecting them costs a syscall and lookups on every record.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # Python 3.12+; unused before
@@ -325,6 +326,12 @@ async def _serve(config: ProxyConfig) -> None:
     buffered = buffer_root_handlers(redactor)
     install(redactor)
     _AccessLogger.direct = direct_handler(access_log)
+    return buffered
+
+
+async def _serve(config: ProxyConfig) -> None:
+    edge = build_app(config)
+    buffered = configure_logging(edge)
     await edge.start()
     runner = web.ServerRunner(_server(edge, config), handle_signals=False, shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
