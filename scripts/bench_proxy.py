@@ -21,8 +21,8 @@ port, measured interleaved with the others: before and after from one run, on th
 --paced-upstream 0,1,5 runs one more proxy of this tree (and, with --baseline, one of that tree,
 interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
 per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
-of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds four floors on
-the same stand-in, none fit to serve anything: a byte pipe; a lean relay (this tree's upstream
+of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds four floors, on
+the real service's /ping and on each stand-in, none fit to serve anything: a byte pipe; a lean relay (this tree's upstream
 client and path check on a bare asyncio protocol, no aiohttp server, no access log); the same
 relay behind aiohttp's low-level server (aiohttp's request layer without the proxy's admission,
 header filtering, connection guards or access log); and this tree's whole request handler behind a
@@ -34,7 +34,7 @@ calls, aiohttp's server (parser, request and response objects), routing, auth, h
 the upstream client, the access log.
 
     python scripts/bench_proxy.py [--requests 3000] [--concurrency 16] [--flow-runs 3]
-                                  [--baseline DIR] [--profile] [--paced-upstream 0,1,5 [--floor]]
+                                  [--baseline DIR] [--profile] [--paced-upstream 0,1,5] [--floor]
                                   [--registry http://127.0.0.1:5000]
 """
 
@@ -465,6 +465,20 @@ def _floor(script: str, label: str, upstream_port: int, token: str, workdir: Pat
     return _listening(proc, port, label, log_path)
 
 
+_FLOORS = (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR), ("aiohttp", _AIOHTTP_FLOOR), ("edge", _EDGE_FLOOR))
+
+
+def _floors(upstream_port: int, key: dict[str, str], workdir: Path, procs: list[subprocess.Popen]) -> list[Target]:
+    """Every floor started against `upstream_port` (appended to `procs`, for the caller to stop)."""
+    targets = []
+    for label, script in _FLOORS:
+        proc, proxy_port = _floor(script, label, upstream_port, key["x-api-key"], workdir)
+        procs.append(proc)
+        prefix = "" if label == "pipe" else "/service"  # a byte pipe sends the path on as it is
+        targets.append(Target(label, f"http://127.0.0.1:{proxy_port}{prefix}", key, proc.pid))
+    return targets
+
+
 def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[float],
            args: argparse.Namespace) -> None:
     print("proxy CPU per request against a stand-in upstream answering /ping after a fixed delay (not the real "
@@ -483,11 +497,7 @@ def _paced(stack_pid: int, workdir: Path, key: dict[str, str], delays_ms: list[f
                 procs.append(proc)
                 targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
             if args.floor:
-                for label, script in (("pipe", _PIPE_FLOOR), ("lean", _LEAN_FLOOR), ("aiohttp", _AIOHTTP_FLOOR),
-                                      ("edge", _EDGE_FLOOR)):
-                    proc, proxy_port = _floor(script, label, port, key["x-api-key"], workdir)
-                    procs.append(proc)
-                    targets.append(Target(label, f"http://127.0.0.1:{proxy_port}/service", key, proc.pid))
+                targets += _floors(port, key, workdir, procs)
             measured = _compare(targets, "/ping", args.requests, args)
             cpu = [statistics.median(target.cpu_us) for target in measured]
             for target, median in zip(measured, cpu):
@@ -555,14 +565,13 @@ def main() -> None:
     parser.add_argument("--paced-upstream", metavar="MS,MS", type=lambda text: [float(x) for x in text.split(",")],
                         help="also measure the proxy against a stand-in upstream answering after these delays")
     parser.add_argument("--floor", action="store_true",
-                        help="with --paced-upstream: also measure a byte pipe, a lean relay, that relay behind "
-                             "aiohttp's server, and the proxy's handler behind a bare request layer")
+                        help="also measure a byte pipe, a lean relay, that relay behind aiohttp's server, and the "
+                             "proxy's handler behind a bare request layer (on the real /ping, and on the stand-in "
+                             "with --paced-upstream)")
     parser.add_argument("--registry", default=os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000"))
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "installer" / "proxy.py").is_file():
         raise SystemExit(f"--baseline {args.baseline}: no installer/proxy.py there (a source tree of this project)")
-    if args.floor and not args.paced_upstream:
-        raise SystemExit("--floor measures on the stand-in upstream: give --paced-upstream too")
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
@@ -593,8 +602,16 @@ def main() -> None:
             runs_path = "/flows/ProxyTestFlow/runs"
 
             results = {}
-            for path, total in (("/ping", args.requests), (runs_path, max(100, args.requests // 6))):
-                results[path] = _compare(targets, path, total, args)
+            floors: list[subprocess.Popen] = []
+            try:
+                # The floors answer /ping only as the service does (a listing's body may not come whole
+                # with its head, which the lean floors do not relay).
+                ping_targets = targets + (_floors(flags["metadata_port"], key, workdir, floors) if args.floor else [])
+                results["/ping"] = _compare(ping_targets, "/ping", args.requests, args)
+            finally:
+                for proc in floors:
+                    _stop(proc)
+            results[runs_path] = _compare(targets, runs_path, max(100, args.requests // 6), args)
             for _ in range(args.flow_runs):
                 for target in targets:
                     env = _flow_env(workdir, target.url, target.headers.get("x-api-key"))
@@ -625,11 +642,11 @@ def main() -> None:
             print(f"  {target.label:8} throughput {rate:7.0f} req/s (ratio {rate / d_rate:.3f} of direct)   "
                   f"rounds {[round(x) for x in target.rates]}")
             print(f"           CPU per request: median {cpu_us:.0f} us"
-                  f"{' (target <= 120 us)' if path == '/ping' else ''}   rounds {[round(x) for x in target.cpu_us]}")
+                  f"{' (target <= 120 us)' if path == '/ping' and target.label == 'proxy' else ''}   rounds {[round(x) for x in target.cpu_us]}")
             print(f"           latency under load median {statistics.median(target.conc) * ms:6.2f} ms"
                   f" p95 {_pct(target.conc, 0.95) * ms:6.2f} ms   sequential median {med:6.2f} ms"
                   f" p95 {_pct(target.seq, 0.95) * ms:6.2f} ms   added median {med - d_med:+.2f} ms (target < 2 ms)")
-        if len(measured) == 3:
+        if args.baseline is not None:
             proxy, base = measured[1], measured[2]
             print(f"  proxy vs baseline, same run: CPU per request {statistics.median(proxy.cpu_us):.0f} vs "
                   f"{statistics.median(base.cpu_us):.0f} us "
