@@ -22,11 +22,11 @@ port, measured interleaved with the others: before and after from one run, on th
 interleaved) against a stand-in upstream that answers /ping after each fixed delay: the proxy's CPU
 per request when only its upstream's pace changes (a slower upstream means fewer events per wake-up
 of the proxy's loop), and the ratio to the baseline at the same pace. --floor adds four floors, on
-the real service's /ping and on each stand-in, none fit to serve anything: a byte pipe; a lean relay (this tree's upstream
-client and path check on a bare asyncio protocol, no aiohttp server, no access log); the same
-relay behind aiohttp's low-level server (aiohttp's request layer without the proxy's admission,
-header filtering, connection guards or access log); and this tree's whole request handler behind a
-bare request layer (what a request layer of the proxy's own would save).
+the real service's /ping and on each stand-in, none fit to serve anything: a byte pipe; a lean
+relay (this tree's upstream client and path check on a bare asyncio protocol, no aiohttp server,
+no access log); the same relay behind aiohttp's low-level server (aiohttp's request layer without
+the proxy's admission, header filtering, connection guards or access log); and this tree's whole
+request handler behind a bare request layer (what a request layer of the proxy's own would save).
 
 --profile runs one more proxy of this tree under cProfile (CPU time, not wall time) for a load of
 /service/ping and of /healthz, and prints where its CPU per request goes: the event loop and socket
@@ -604,8 +604,8 @@ def main() -> None:
             results = {}
             floors: list[subprocess.Popen] = []
             try:
-                # The floors answer /ping only as the service does (a listing's body may not come whole
-                # with its head, which the lean floors do not relay).
+                # The floors on /ping only: the lean ones relay a body only when it comes whole with its
+                # head, which a run listing's may not.
                 ping_targets = targets + (_floors(flags["metadata_port"], key, workdir, floors) if args.floor else [])
                 results["/ping"] = _compare(ping_targets, "/ping", args.requests, args)
             finally:
@@ -641,8 +641,9 @@ def main() -> None:
             cpu_us = statistics.median(target.cpu_us)
             print(f"  {target.label:8} throughput {rate:7.0f} req/s (ratio {rate / d_rate:.3f} of direct)   "
                   f"rounds {[round(x) for x in target.rates]}")
-            print(f"           CPU per request: median {cpu_us:.0f} us"
-                  f"{' (target <= 120 us)' if path == '/ping' and target.label == 'proxy' else ''}   rounds {[round(x) for x in target.cpu_us]}")
+            goal = " (target <= 120 us)" if path == "/ping" and target.label == "proxy" else ""
+            print(f"           CPU per request: median {cpu_us:.0f} us{goal}   "
+                  f"rounds {[round(x) for x in target.cpu_us]}")
             print(f"           latency under load median {statistics.median(target.conc) * ms:6.2f} ms"
                   f" p95 {_pct(target.conc, 0.95) * ms:6.2f} ms   sequential median {med:6.2f} ms"
                   f" p95 {_pct(target.seq, 0.95) * ms:6.2f} ms   added median {med - d_med:+.2f} ms (target < 2 ms)")
