@@ -217,7 +217,7 @@ def test_any_flipped_byte_in_a_pack_or_manifest_is_detected_and_an_older_generat
 
 def test_a_format_2_generation_restores_and_the_next_one_stores_its_chunks_again_with_checksums(
         pg: PgCluster, dest: Path, workdir: Path) -> None:
-    from installer.snapshot import _manifest_checksum
+    from installer.snapshot.generations import manifest_checksum
 
     insert(pg, 1)
     old = take_snapshot(pg.dsn, pg.datadir, dest)
@@ -225,7 +225,7 @@ def test_a_format_2_generation_restores_and_the_next_one_stores_its_chunks_again
     manifest = json.loads(path.read_text())  # as an earlier version wrote it: no checksum of stored bytes
     manifest["format"] = 2
     manifest["chunk_index"] = {digest: location[:3] for digest, location in manifest["chunk_index"].items()}
-    manifest["manifest_sha256"] = _manifest_checksum(manifest)
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
     path.write_text(json.dumps(manifest))
     report = restore(dest, workdir / "from-format-2" / "pgdata")
     assert report.generation == old.id and report.skipped == []
