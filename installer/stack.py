@@ -25,6 +25,7 @@ import requests
 from . import humanize, objectstore, procs, runtime, schema, snapshot, state, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
+from .reconcile import reconcile_restored
 from .secrets import read_or_create_secret, write_secret
 from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
                        migrations_dir, service_container, snapshot_status_file, waves)
@@ -119,13 +120,19 @@ def _load(settings: Settings, progress: Progress = lambda _: None) -> _Stack:
 
     def prepare_database(step_progress: Progress) -> str:
         _ensure_database(settings, secrets.db_password)
-        marker = snapshot.sequences_marker(settings.pgdata_dir)
-        if marker.exists():  # restored: ids the lost window handed out must not come again
-            snapshot.advance_sequences(dsn(settings, secrets.db_password, dbname="postgres"))
-            marker.unlink()
+        restored = snapshot.read_marker(settings.pgdata_dir)
+        if restored is not None:  # restored: ids the lost window handed out must not come again
+            snapshot.advance_sequences(dsn(settings, secrets.db_password, dbname="postgres"), restored.point_time)
         report = schema.apply(dsn(settings, secrets.db_password), migrations_dir(settings, udocker), step_progress)
         applied = f"applied {len(report.applied)} migration(s)" if report.applied else "up to date"
-        return f"schema version {report.version} ({applied})"
+        detail = f"schema version {report.version} ({applied})"
+        if restored is not None:
+            # Runs whose files did not reach Drive before the runtime died are shown as lost, not finished.
+            step_progress("checking the newest finished tasks against the object store")
+            lost = reconcile_restored(dsn(settings, secrets.db_password), settings.objects_dir).summary()
+            snapshot.clear_marker(settings.pgdata_dir)
+            detail += f"; {lost}" if lost else ""
+        return detail
 
     def final_snapshot(step_progress: Progress) -> str | None:
         if settings.no_snapshots:

@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from installer import procs  # noqa: E402
-from installer.snapshot import (REQUIRED_SETTINGS, SnapshotStatus, advance_sequences, list_generations,  # noqa: E402
-                                read_status, restore)
+from installer.snapshot import (REQUIRED_SETTINGS, SnapshotStatus, advance_sequences, clear_marker,  # noqa: E402
+                                list_generations, read_marker, read_status, restore)
 
 PG_BIN = Path(os.environ.get("MF_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "postgres"          # the OS user that owns test clusters (initdb refuses root)
@@ -228,9 +228,11 @@ def template_cluster(base: Path) -> Path:
     return _TEMPLATE["path"]
 
 
-def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[PgCluster, object]:
+def start_restored(workdir: Path, dest: Path, name: str = "restored", *,
+                   now: float | None = None) -> tuple[PgCluster, object]:
     """Restore the newest good generation into a fresh folder and start PostgreSQL on it;
-    sequences then move past the lost window, as the stack does at its first start."""
+    sequences then move past the lost window, as the stack does at its first start
+    (`now`: the time the stack would see then)."""
     target = workdir / name / "pgdata"
     target.parent.mkdir()
     target.parent.chmod(0o755)
@@ -238,7 +240,10 @@ def start_restored(workdir: Path, dest: Path, name: str = "restored") -> tuple[P
     chown_tree(target)
     cluster = PgCluster(target)
     cluster.start()
-    advance_sequences(cluster.dsn)
+    point = read_marker(target)
+    assert point is not None and point.generation == report.generation
+    advance_sequences(cluster.dsn, point.point_time, now=now)
+    clear_marker(target)
     return cluster, report
 
 

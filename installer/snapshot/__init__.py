@@ -56,12 +56,13 @@ from .generations import (DEFAULT_KEEP, GenerationInfo, database_state, list_gen
                           unchanged_since_last)
 from .pg import wal_segments
 from .restore import RestoreReport, restore
-from .sequences import advance_sequences, sequences_marker
+from .sequences import RestoredPoint, advance_sequences, clear_marker, read_marker, sequences_marker
 from .status import SnapshotStatus, read_status, write_status
 from .wal import WalChain, chain_after, ship_wal
 
 __all__ = [
-    "DEFAULT_KEEP", "REQUIRED_SETTINGS", "Generation", "GenerationInfo", "RestoreReport", "SnapshotCache",
+    "DEFAULT_KEEP", "REQUIRED_SETTINGS", "Generation", "GenerationInfo", "RestoreReport", "RestoredPoint",
+    "SnapshotCache", "clear_marker", "read_marker",
     "SnapshotStatus", "WalChain", "advance_sequences", "chain_after", "check_destination", "database_state",
     "generation_id_at", "list_generations", "lock_path", "newest_baseline", "read_status", "restore",
     "sequences_marker", "ship_wal", "take_snapshot", "unchanged_since_last", "wal_segments", "write_status",

@@ -14,7 +14,7 @@ from ..errors import SnapshotError
 from .destination import check_destination, dest_lock, fsync_dir, remove_path
 from .generations import list_generations
 from .packs import ChunkReader, Corrupt, chunk_index
-from .sequences import sequences_marker
+from .sequences import RestoredPoint, write_marker
 from .wal import apply_wal_pieces
 
 
@@ -33,6 +33,7 @@ class RestoreReport:
     wal_pieces: int = 0              # WAL pieces replayed on top of the generation
     wal_reached: str | None = None   # the LSN the restored WAL reaches
     wal_note: str | None = None      # why later WAL pieces were not used (a gap, a damaged piece)
+    point_time: float | None = None  # unix time of the restored point (last WAL piece, else the backup)
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -85,7 +86,7 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
         remove_path(work)
         try:
             _materialize(dest, info.manifest, work)
-            pieces, reached, wal_note = apply_wal_pieces(dest, info.manifest, work)
+            pieces, reached, wal_note, shipped_at = apply_wal_pieces(dest, info.manifest, work)
             _seal(work)
         except Corrupt as exc:
             remove_path(work)
@@ -103,13 +104,15 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
             pgdata.rmdir()
         os.rename(work, pgdata)
         fsync_dir(pgdata.parent)
-        sequences_marker(pgdata).write_text(f"restored from {info.id}\n")
         manifest = info.manifest
+        # The time of the restored point: its last WAL piece, else the end of the generation's backup.
+        point_time = shipped_at if shipped_at is not None else manifest.get("finished", manifest["created"])
+        write_marker(pgdata, RestoredPoint(info.id, point_time))
         return RestoreReport(generation=info.id, created=manifest["created"], pgdata=pgdata, skipped=skipped,
                              replaced=replaced, files=len(manifest["files"]), size=manifest["size"],
                              pg_version=manifest["pg_version"], stop_lsn=manifest["stop_lsn"],
                              duration_s=time.monotonic() - started, wal_pieces=pieces, wal_reached=reached,
-                             wal_note=wal_note)
+                             wal_note=wal_note, point_time=point_time)
     raise SnapshotError(f"no snapshot in {dest} could be restored: " +
                         "; ".join(f"{gid}: {why}" for gid, why in skipped),
                         hint="the snapshots are damaged; start with a fresh database or restore by hand")

@@ -67,7 +67,7 @@ def ship_wal(conn: psycopg.Connection[Any], pgdata: Path | str, dest: Path | str
         body += data
     header = {"generation": chain.generation, "start_lsn": chain.shipped_lsn, "end_lsn": row[0],
               "timeline": chain.timeline, "segment_size": seg, "sha256": hashlib.sha256(body).hexdigest(),
-              "xact_snapshot": xact_snapshot}
+              "xact_snapshot": xact_snapshot, "shipped_at": time.time()}
     folder = Path(dest) / "wal" / chain.generation
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,16 +98,18 @@ def read_piece(path: Path) -> tuple[dict[str, Any], bytes]:
     return header, body
 
 
-def apply_wal_pieces(dest: Path, manifest: dict[str, Any], work: Path) -> tuple[int, str, str | None]:
+def apply_wal_pieces(dest: Path, manifest: dict[str, Any], work: Path
+                     ) -> tuple[int, str, str | None, float | None]:
     """Write the unbroken run of the generation's WAL pieces into work/pg_wal.
-    Returns (pieces used, LSN reached, why the rest was not used or None)."""
+    Returns (pieces used, LSN reached, why the rest was not used or None, when the last piece used
+    was shipped or None)."""
     folder = dest / "wal" / manifest["id"]
     names = sorted(os.listdir(folder)) if folder.is_dir() else []
     seg = manifest.get("wal_segment_size") or 16 * 1024 * 1024
     timeline = manifest["timeline"]
     stop = lsn(manifest["stop_lsn"])
     expected = stop if stop % seg == 0 else (stop // seg + 1) * seg
-    used, stopped = 0, None
+    used, stopped, shipped_at = 0, None, None
     for name in names:
         try:
             start = int(name.removesuffix(".wal"), 16)
@@ -138,4 +140,5 @@ def apply_wal_pieces(dest: Path, manifest: dict[str, Any], work: Path) -> tuple[
             position += take
         expected = lsn(header["end_lsn"])
         used += 1
-    return used, lsn_text(expected), stopped
+        shipped_at = header.get("shipped_at", shipped_at)
+    return used, lsn_text(expected), stopped, shipped_at
