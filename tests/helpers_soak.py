@@ -14,6 +14,7 @@ and the new machine starts from a fresh mount of only what was uploaded, with em
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,10 +23,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import requests
 
 import installer
 from installer import procs
@@ -151,11 +154,13 @@ def newest_record(flags: dict) -> float:
 
 def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int = 1,
                    max_wait: float = 20.0, drive: dict | None = None,
-                   snapshot_every: tuple[float, float] | None = None, after_run: float | None = None) -> MetaflowRound:
+                   snapshot_every: tuple[float, float] | None = None, after_run: float | None = None,
+                   inspect: Callable[[dict, dict[str, str], Path], None] | None = None) -> MetaflowRound:
     """Up, runs, SIGKILL at a random instant after `min_runs` finished runs, restore on a new PGDATA, check.
     With `snapshot_every` (seconds, low and high) snapshots are also taken at random intervals meanwhile.
     With `after_run` the kill comes 0..`after_run` seconds after a run finished instead: when the
-    newest run's records are still on their way to the snapshot folder (the loss window)."""
+    newest run's records are still on their way to the snapshot folder (the loss window).
+    `inspect(flags, client environment, client folder)` looks at the restored stack before it stops."""
     mount = None
     if drive is not None:
         mount = DriveMount(work / "content" / "drive", work / "google", seed=rng.randrange(1 << 30),
@@ -163,7 +168,7 @@ def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int
         (mount.mountpoint / "MyDrive").mkdir()
         flags = {**flags, "root": str(mount.mountpoint / "MyDrive" / "metaflow-stack")}
     try:
-        return _metaflow_round(work, flags, rng, min_runs, max_wait, mount, snapshot_every, after_run)
+        return _metaflow_round(work, flags, rng, min_runs, max_wait, mount, snapshot_every, after_run, inspect)
     finally:
         # A round that failed half-way must not leave its stack running (every process names `work`).
         leftovers = _stack_processes((str(work),))
@@ -176,7 +181,8 @@ def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int
 
 def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, max_wait: float,
                     mount: DriveMount | None, snapshot_every: tuple[float, float] | None,
-                    after_run: float | None) -> MetaflowRound:
+                    after_run: float | None, inspect: Callable[[dict, dict[str, str], Path], None] | None
+                    ) -> MetaflowRound:
     first = {**flags, "pgdata_dir": str(work / "machine1-pgdata")}
     if mount is not None:
         first["cache_dir"] = str(work / "machine1-cache")
@@ -237,6 +243,8 @@ def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, 
         report = amcheck_stack(second)
         newest = newest_record(second)
         restored = _successful_runs(env, client)
+        if inspect is not None:
+            inspect(second, env, client)
         done = subprocess.run([sys.executable, str(FLOWS / "tick_flow.py"), "--no-pylint", "run"], env=env,
                               cwd=client, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:]
@@ -263,3 +271,48 @@ def check_round(result: MetaflowRound) -> None:
     assert len(extra) <= 1 and all(run > max(result.finished) for run in extra), (result.restored,
                                                                                   result.finished)
     assert result.next_id > max(result.finished + result.restored), (result.next_id, result.finished)
+
+
+_CLIENT_VIEW = """
+import json
+from metaflow import Flow, namespace
+namespace(None)
+runs = {}
+for run in Flow(%r):
+    view = {"successful": run.successful, "finished": run.finished, "unreadable": []}
+    if run.successful:
+        for step in run:
+            for task in step:
+                try:
+                    [artifact.data for artifact in task]
+                    task.stdout
+                except Exception as exc:
+                    view["unreadable"].append(f"{task.pathspec}: {type(exc).__name__}: {exc}"[:300])
+    runs[run.id] = view
+print(json.dumps(runs))
+"""
+
+
+def check_client_and_ui_agree(flags: dict, env: dict[str, str], cwd: Path, flow: str = "TickFlow") -> dict:
+    """Every run the client calls successful has every artifact and log readable, and the UI's status
+    of every run agrees with the client's: completed exactly when successful. Returns the client's view."""
+    done = subprocess.run([sys.executable, "-c", _CLIENT_VIEW % flow], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and "MetaflowNotFound" in done.stderr:
+        return {}
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    settings = resolve(flags)
+    token = settings.token_file.read_text().strip()
+    base = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 180
+    while requests.get(f"{base}/api/ping", headers={"x-api-key": token}, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the UI backend did not answer within 180 s of the restore"
+        time.sleep(0.5)
+    for run, view in runs.items():
+        assert not view["unreadable"], (run, view)
+        answer = requests.get(f"{base}/api/flows/{flow}/runs/{run}", headers={"x-api-key": token}, timeout=60)
+        assert answer.status_code == 200, (run, answer.status_code, answer.text[:300])
+        status = answer.json()["data"]["status"]
+        assert (status == "completed") == view["successful"], (run, status, view)
+    return runs

@@ -132,3 +132,23 @@ def test_a_stack_on_drive_killed_during_real_runs_and_snapshots_restores_from_wh
     check_round(result)
     assert len(result.finished) >= 2 and "restored the database from snapshot" in result.restore_note
     assert result.loss_window_s <= 4.0, result
+
+
+def test_a_run_killed_0_to_3_s_after_it_finished_on_a_slow_drive_is_whole_or_not_shown_finished(
+        tmp_path: Path, registry: str) -> None:
+    """Uploads 3 s late: the runtime dies while the newest run's rows and files are on their way, in
+    any order. After the restore, a run the client calls successful has every artifact and log, and
+    the UI says "completed" of exactly those runs."""
+    from .conftest import stack_flags
+    from .helpers_soak import check_client_and_ui_agree, check_round, metaflow_round
+
+    flags = stack_flags(tmp_path / "unused", registry)
+    seen: dict = {}
+
+    def inspect(restored: dict, env: dict, cwd: Path) -> None:
+        seen.update(check_client_and_ui_agree(restored, env, cwd))
+
+    result = metaflow_round(tmp_path, flags, random.Random(23), min_runs=2, after_run=3.0, inspect=inspect,
+                            drive={"latency": 0.1, "upload_delay": 3.0, "reorder": 1.0})
+    check_round(result)
+    assert seen, "the client listed no run after the restore"
