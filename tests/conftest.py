@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,21 @@ def stack(tmp_path: Path, registry: str) -> Iterator[dict]:
     flags = stack_flags(tmp_path / "root", registry)
     yield flags
     installer.down(**flags)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A scratch folder the postgres user can enter, removed afterwards (tests with native PostgreSQL)."""
+    from tests.helpers_pg import make_workdir
+
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dest(workdir: Path) -> Path:
+    """A plain folder standing in for the snapshot folder on Google Drive."""
+    path = workdir / "drive"
+    path.mkdir()
+    return path

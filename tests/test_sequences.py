@@ -7,7 +7,6 @@ before its uploads.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +15,10 @@ import pytest
 
 from installer.snapshot import take_snapshot
 from installer.snapshot.sequences import STEPS, target_value
-from tests.helpers_pg import PgCluster, make_workdir, start_restored
+from tests.helpers_pg import PgCluster, start_restored
 
 RUNS = "runs_run_number_seq"    # integer, like Metaflow's run numbers
 TASKS = "tasks_task_id_seq"     # bigint, like task ids, metadata and artifact rows
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = make_workdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def dest(workdir: Path) -> Path:
-    path = workdir / "drive"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

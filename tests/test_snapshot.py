@@ -17,15 +17,7 @@ from installer import procs
 from installer.errors import SnapshotError
 from installer.snapshot import (SnapshotCache, WalChain, chain_after, check_destination, list_generations,
                                 read_status, restore, ship_wal, take_snapshot)
-from tests.helpers_pg import REPO, PgCluster, make_workdir, start_restored, start_watcher, wait_for
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = make_workdir()
-    yield path
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
+from tests.helpers_pg import REPO, PgCluster, start_restored, start_watcher, wait_for
 
 
 @pytest.fixture
@@ -36,13 +28,6 @@ def pg(workdir: Path) -> Iterator[PgCluster]:
         conn.execute("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)")
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture
-def dest(workdir: Path) -> Path:
-    path = workdir / "drive"
-    path.mkdir()
-    return path
 
 
 def insert(cluster: PgCluster, *ids: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +13,9 @@ import pytest
 from installer import procs
 from installer.errors import SnapshotError
 from installer.snapshot import list_generations, read_status, take_snapshot
-from tests.helpers_pg import PgCluster, crash_round, make_workdir, start_watcher, wait_for
+from tests.helpers_pg import PgCluster, crash_round, start_watcher, wait_for
 
 ROUNDS = int(os.environ.get("MF_TEST_CRASH_ROUNDS", "3"))
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = make_workdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_kill_everything_at_a_random_instant_then_restore(workdir: Path) -> None:
