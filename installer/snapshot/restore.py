@@ -96,6 +96,12 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
             remove_path(work)
             raise SnapshotError(f"restoring into {pgdata} failed: {exc}",
                                 hint="check free space on the local disk") from exc
+        manifest = info.manifest
+        # The time of the restored point: its last WAL piece, else the end of the generation's backup.
+        point_time = shipped_at if shipped_at is not None else manifest.get("finished", manifest["created"])
+        # Before the data folder takes its place: a machine that dies in between must not start the
+        # restored data without moving its sequences on (on the old data an advance is harmless).
+        write_marker(pgdata, RestoredPoint(info.id, point_time))
         replaced = None
         if occupied:
             replaced = pgdata.with_name(f"{pgdata.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -104,10 +110,6 @@ def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) ->
             pgdata.rmdir()
         os.rename(work, pgdata)
         fsync_dir(pgdata.parent)
-        manifest = info.manifest
-        # The time of the restored point: its last WAL piece, else the end of the generation's backup.
-        point_time = shipped_at if shipped_at is not None else manifest.get("finished", manifest["created"])
-        write_marker(pgdata, RestoredPoint(info.id, point_time))
         return RestoreReport(generation=info.id, created=manifest["created"], pgdata=pgdata, skipped=skipped,
                              replaced=replaced, files=len(manifest["files"]), size=manifest["size"],
                              pg_version=manifest["pg_version"], stop_lsn=manifest["stop_lsn"],

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,11 @@ def sequences_marker(pgdata: Path | str) -> Path:
 
 
 def write_marker(pgdata: Path, point: RestoredPoint) -> None:
-    sequences_marker(pgdata).write_text(json.dumps({"generation": point.generation,
-                                                    "point_time": point.point_time}) + "\n")
+    path = sequences_marker(pgdata)
+    with open(path, "w") as handle:
+        handle.write(json.dumps({"generation": point.generation, "point_time": point.point_time}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_marker(pgdata: Path | str) -> RestoredPoint | None:
