@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import api
 from .errors import StackError
@@ -31,9 +32,19 @@ def _settings_parser() -> argparse.ArgumentParser:
     return parent
 
 
+def command_name() -> str:
+    """This program as the user invoked it, for the commands its messages suggest."""
+    launched = Path(sys.argv[0])
+    if launched.name == "mfstack":
+        return "mfstack"
+    if launched.name == "__main__.py" and launched.parent.name == "mfstack":
+        return "python -m mfstack"
+    return "python -m installer"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _settings_parser()
-    parser = argparse.ArgumentParser(prog="python -m installer",
+    parser = argparse.ArgumentParser(prog=command_name(),
                                      description="A stateful Metaflow service and UI on a disposable machine.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     verbs.add_parser("up", parents=[common], help="start the stack (pulls images on first use)")
@@ -113,7 +124,7 @@ def _dispatch(args: argparse.Namespace, flags: dict, printer: Printer) -> int:
                 printer.line(f"local registry: {answer}")
         elif (api.local_registry("status", **flags) or "").startswith("running"):
             printer.line(f"the local registry {api.settings(**flags).registry} (started by this project's "
-                         "scripts) keeps running; `python -m installer down --all` stops it too")
+                         f"scripts) keeps running; `{command_name()} down --all` stops it too")
         return 0
     if args.verb == "status":
         status = api.status(**flags)

@@ -212,6 +212,14 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
         values["METAFLOW_USER"] = user
         notes.append(f"no user name in this environment ($USER is unset or root, which Metaflow refuses): "
                      f"runs are recorded as user {user!r} (METAFLOW_USER in the profile)")
+    if not os.environ.get(CLIENT_CACHE_KEY):
+        chosen = _read_profile(profile).get(CLIENT_CACHE_KEY) if write_profile else None
+        if chosen:
+            values[CLIENT_CACHE_KEY] = str(chosen)
+        else:
+            values[CLIENT_CACHE_KEY] = str(private_client_cache())
+            notes.append(f"the Metaflow client caches artifacts in {values[CLIENT_CACHE_KEY]}, this user's "
+                         "own (Metaflow's default /tmp/metaflow_client belongs to whoever used it first)")
     config_path: Path | None = None
     action = "not written"
     replaced: dict[str, str] = {}
@@ -238,6 +246,7 @@ def connect(connection: str | None = None, *, url: str | None = None, token: str
 # Metaflow takes the first of these that is set and not "root" as the user who runs a flow.
 _USER_VARIABLES = ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")
 FALLBACK_USER = "notebook"
+CLIENT_CACHE_KEY = "METAFLOW_CLIENT_CACHE_PATH"
 
 
 def metaflow_user(environ: Mapping[str, str] | None = None) -> str | None:
@@ -258,6 +267,22 @@ def run_user(environ: Mapping[str, str] | None = None) -> str | None:
     except KeyError:
         login = ""
     return login if login and login != "root" else FALLBACK_USER
+
+
+def private_client_cache() -> Path:
+    """A Metaflow client cache folder of this user's own (made 0700).
+
+    Metaflow's default, /tmp/metaflow_client, is shared by every user of the machine and made by the
+    first: a second user's client then fails to read any artifact (FileCacheException).
+    """
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaflow_client"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.chmod(0o700)
+    except OSError as exc:
+        raise ProfileError(f"cannot make the Metaflow client cache {folder}: {exc}",
+                           hint=f"set {CLIENT_CACHE_KEY} to a folder this user can write") from exc
+    return folder
 
 
 def missing_client_packages(datastore: str) -> list[str]:

@@ -13,8 +13,21 @@ if "$HERE/setup_host.sh" --check; then
 else
     "$HERE/setup_host.sh"
 fi
+VENV="${MFSTACK_VENV:-$ROOT/.venv}"
+# The project lives in $VENV, not in the shell's python: put its command where the shell finds it.
+LINK=/usr/local/bin/mfstack
+if [[ -w ${LINK%/*} ]] && { [[ ! -e $LINK && ! -L $LINK ]] || [[ -L $LINK && $(readlink "$LINK") == */bin/mfstack ]]; }; then
+    ln -sfn "$VENV/bin/mfstack" "$LINK"
+fi
+CMD="$VENV/bin/mfstack"
+[[ $(readlink "$LINK" 2>/dev/null) == "$CMD" ]] && CMD=mfstack
 echo
-echo "The local registry on 127.0.0.1:$PORT keeps running after \`down\`; \`python -m installer down --all\` stops it too."
+echo "The local registry on 127.0.0.1:$PORT keeps running after \`down\`; \`$CMD down --all\` stops it too."
 echo
 cd "$ROOT"
-exec "${MFSTACK_VENV:-$ROOT/.venv}/bin/python" -m installer up --registry "http://127.0.0.1:$PORT" "$@"
+status=0
+"$VENV/bin/python" -m installer up --registry "http://127.0.0.1:$PORT" "$@" || status=$?
+echo
+echo "This project's commands: \`$CMD <command>\`, e.g. \`$CMD status\`, \`$CMD down\`;"
+echo "for \`python -m installer <command>\` as the README writes them, first run \`. $VENV/bin/activate\` in your shell."
+exit "$status"

@@ -59,6 +59,7 @@ def clean_metaflow_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
         if key.startswith("METAFLOW_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "mfconfig"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for key in ("SUDO_USER", "USERNAME"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("USER", "tester")  # a user name Metaflow accepts; see the no-user test
@@ -157,7 +158,10 @@ def test_connect_writes_default_profile_and_environment(stack: SimpleNamespace, 
         "METAFLOW_DEFAULT_DATASTORE": "s3",
         "METAFLOW_DATASTORE_SYSROOT_S3": "s3://metaflow/data",
         "METAFLOW_S3_ENDPOINT_URL": f"{stack.url}/s3",
+        "METAFLOW_CLIENT_CACHE_PATH": str(tmp_path / "cache" / "metaflow_client"),
     }
+    assert stat.S_IMODE((tmp_path / "cache" / "metaflow_client").stat().st_mode) == 0o700
+    assert any("this user's own" in note for note in result.notes)
     assert client_params["aws_access_key_id"] == "metaflow-stack" and client_params["aws_secret_access_key"]
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert os.environ["METAFLOW_SERVICE_URL"] == f"{stack.url}/service"
@@ -167,6 +171,22 @@ def test_connect_writes_default_profile_and_environment(stack: SimpleNamespace, 
     assert stack.token not in text and stack.token not in repr(result)
     assert client_params["aws_secret_access_key"] not in text
     assert connect(format_connection(stack.url, stack.token)).config_action == "unchanged"
+
+
+def test_a_client_cache_chosen_by_the_user_is_kept(stack: SimpleNamespace, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "mfconfig" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"METAFLOW_CLIENT_CACHE_PATH": "/data/mf-cache"}))
+    result = connect(format_connection(stack.url, stack.token), set_env=False)
+    assert json.loads(config.read_text())["METAFLOW_CLIENT_CACHE_PATH"] == "/data/mf-cache"
+    assert result.kept_keys == () and not any("caches artifacts" in note for note in result.notes)
+
+    monkeypatch.setenv("METAFLOW_CLIENT_CACHE_PATH", "/elsewhere")  # set in the environment: left to it
+    config.unlink()
+    connect(format_connection(stack.url, stack.token), set_env=False)
+    assert "METAFLOW_CLIENT_CACHE_PATH" not in json.loads(config.read_text())
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_local_datastore_stays_an_explicit_choice(stack: SimpleNamespace, tmp_path: Path) -> None:

@@ -177,9 +177,26 @@ def test_warm_offline_up_skips_the_setup_and_says_how_the_registry_stops(stack: 
     assert "[setup] already done and current (system packages, .venv, images); skipped" in done.stdout
     assert "[build_images" not in done.stdout and "[setup] installing" not in done.stdout
     assert "local_registry: already running" in done.stdout
-    assert "`python -m installer down --all` stops it too" in done.stdout
+    assert "`mfstack down --all` stops it too" in done.stdout
     assert "stack up in" in done.stdout and "connection string: http://127.0.0.1:" in done.stdout
     assert installer.status(**stack).running
+    assert done.stdout.rstrip().splitlines()[-2:] == [
+        "This project's commands: `mfstack <command>`, e.g. `mfstack status`, `mfstack down`;",
+        f"for `python -m installer <command>` as the README writes them, first run `. {sys.prefix}/bin/activate` "
+        "in your shell."]
+    assert os.readlink("/usr/local/bin/mfstack") == f"{sys.prefix}/bin/mfstack"
+
+    # What the README then tells a user to type, in a login shell that knows nothing of the venv.
+    plain_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    root = f"--root={stack['root']}"
+    for line in (f"mfstack status {root}", f". {sys.prefix}/bin/activate && python -m installer status {root}"):
+        typed = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=120, env=plain_env,
+                               cwd="/")
+        assert typed.returncode == 0, (line, typed.stdout, typed.stderr)
+        assert "postgres    healthy" in typed.stdout, typed.stdout
+    down = subprocess.run(["bash", "-c", "mfstack down --all --help"], capture_output=True, text=True,
+                          env=plain_env)
+    assert down.returncode == 0 and down.stdout.startswith("usage: mfstack down"), down.stdout
 
 
 def test_down_all_stops_the_registry_the_scripts_started(tmp_path: Path) -> None:
