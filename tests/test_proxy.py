@@ -676,6 +676,21 @@ def test_static_files_cache_headers_and_fallback(proxy):
     assert requests.post(proxy.url + "/", headers=key).status_code == 405
 
 
+def test_the_web_app_manifest_loads_without_credentials_and_nothing_else_does(proxy, static_dir):
+    # Browsers fetch <link rel="manifest"> without cookies: every page load used to log a 401 for it.
+    (static_dir / "manifest.json").write_text('{"name": "Metaflow UI"}\n')
+    try:
+        manifest = requests.get(proxy.url + "/manifest.json")
+        assert manifest.status_code == 200 and manifest.json() == {"name": "Metaflow UI"}
+        assert requests.head(proxy.url + "/manifest.json").status_code == 200
+        assert requests.get(proxy.url + "/favicon.ico").status_code == 404  # public, and absent here
+        assert requests.post(proxy.url + "/manifest.json").status_code == 401
+        for private in ("/", "/index.html", "/static/js/main.4d5e6f.js", "/HelloFlow/1", "/manifest.json/x"):
+            assert requests.get(proxy.url + private).status_code == 401, private
+    finally:
+        (static_dir / "manifest.json").unlink()
+
+
 def test_static_path_traversal_is_impossible(proxy, workdir):
     key = {"x-api-key": proxy.token}
     secret = workdir / "outside-secret.txt"

@@ -208,6 +208,10 @@ def test_the_ui_in_a_browser_shows_the_run_its_dag_and_a_tasks_stdout(tracked: S
         assert Path(found[name]["shot"]).stat().st_size > 5000
     assert found["runs"]["url"] == tracked.base + "/"
     assert "Metaflow" in found["runs"]["text"] or FLOW in found["runs"]["text"]
+    # The page's web app manifest (fetched without cookies) and icon load: no refusal in the access log.
+    access = installer.settings(**tracked.flags).log_path("proxy").read_text()
+    assert '"GET /manifest.json" 200' in access
+    assert not [line for line in access.splitlines() if "/manifest.json" in line and '" 401 ' in line]
 
 
 CACHE_START_PROBE = r"""

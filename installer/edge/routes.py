@@ -5,7 +5,9 @@
     /service/... metadata service, "/service" stripped (writes included: the Metaflow client posts here)
     /api/...     UI backend, prefix kept (it runs with PATH_PREFIX=/api); /api/ws websockets relayed
     /s3/...      the object store, "/s3" stripped; AWS SigV4 instead of the token
-    /...         the UI bundle; client-side routes fall back to index.html
+    /...         the UI bundle; client-side routes fall back to index.html. Its manifest, icon and
+                 robots.txt are served without credentials: browsers fetch the manifest without
+                 cookies, and none of them says anything about the runs
 
 Refused everywhere: request targets that are not a path (absolute-form, `*`),
 TRACE/TRACK/CONNECT (TRACE would echo credentials back to a script). Refused on
@@ -24,8 +26,9 @@ from aiohttp import web
 
 from .config import S3_PREFIX
 
-__all__ = ["area", "body_problem", "method_problem", "path_problem"]
+__all__ = ["PUBLIC_UI_FILES", "area", "body_problem", "method_problem", "path_problem"]
 
+PUBLIC_UI_FILES = frozenset({"/manifest.json", "/favicon.ico", "/robots.txt"})
 REFUSED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 S3_BODYLESS = BODYLESS | {"DELETE"}  # no S3 operation reads a body on these

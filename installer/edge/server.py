@@ -44,7 +44,7 @@ from .pages import HOW_TO_AUTHENTICATE, SERVER_NAME, json_error, json_response, 
 from .protocol import ConnectionLimits, EdgeServer
 from .logbuffer import BufferedHandler, buffer_root_handlers, direct_handler
 from .redact import Redactor, install
-from .routes import area, body_problem, declares_body, method_problem, path_problem
+from .routes import PUBLIC_UI_FILES, area, body_problem, declares_body, method_problem, path_problem
 from .s3gate import S3Gate
 from .static import StaticFiles
 from .websocket import relay_websocket
@@ -179,6 +179,9 @@ class Edge:
             return await self.s3.handle(request, client, self.pools["s3"])
         if where == "ui" and "token" in request.query and request.method in ("GET", "HEAD"):
             return await self.token_login(request, client)
+        if where == "ui" and path in PUBLIC_UI_FILES and request.method in ("GET", "HEAD"):
+            # Browsers fetch the web app manifest without cookies; these files hold nothing about runs.
+            return await self.static.serve(request, path)
         how = await self.authenticate(request, client)
         if isinstance(how, web.StreamResponse):
             return how
