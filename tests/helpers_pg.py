@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +157,20 @@ class PgCluster:
 
 COUNTER_TABLE = ("CREATE TABLE IF NOT EXISTS counters (n bigint PRIMARY KEY, committed_at timestamptz NOT NULL,"
                  " pad text NOT NULL, run_id bigserial UNIQUE)")
+
+
+@contextmanager
+def running_cluster(datadir: Path, *statements: str) -> Iterator[PgCluster]:
+    """A new cluster in `datadir`, started, with `statements` run; stopped afterwards."""
+    cluster = PgCluster.initdb(datadir)
+    cluster.start()
+    with cluster.connect() as conn:
+        for statement in statements:
+            conn.execute(statement)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def writer_main(dsn: str, log_path: str, rate: float) -> None:

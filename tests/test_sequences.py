@@ -15,7 +15,7 @@ import pytest
 
 from installer.snapshot import take_snapshot
 from installer.snapshot.sequences import STEPS, target_value
-from tests.helpers_pg import PgCluster, start_restored
+from tests.helpers_pg import PgCluster, running_cluster, start_restored
 
 RUNS = "runs_run_number_seq"    # integer, like Metaflow's run numbers
 TASKS = "tasks_task_id_seq"     # bigint, like task ids, metadata and artifact rows
@@ -23,13 +23,9 @@ TASKS = "tasks_task_id_seq"     # bigint, like task ids, metadata and artifact r
 
 @pytest.fixture
 def pg(workdir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster.initdb(workdir / "pgdata")
-    cluster.start()
-    with cluster.connect() as conn:
-        conn.execute("CREATE TABLE runs (run_number serial PRIMARY KEY)")
-        conn.execute("CREATE TABLE tasks (task_id bigserial PRIMARY KEY)")
-    yield cluster
-    cluster.stop()
+    with running_cluster(workdir / "pgdata", "CREATE TABLE runs (run_number serial PRIMARY KEY)",
+                         "CREATE TABLE tasks (task_id bigserial PRIMARY KEY)") as cluster:
+        yield cluster
 
 
 def hand_out(cluster: PgCluster, runs: int, tasks: int) -> tuple[list[int], list[int]]:

@@ -17,17 +17,13 @@ from installer import procs
 from installer.errors import SnapshotError
 from installer.snapshot import (SnapshotCache, WalChain, chain_after, check_destination, list_generations,
                                 read_status, restore, ship_wal, take_snapshot)
-from tests.helpers_pg import REPO, PgCluster, start_restored, start_watcher, wait_for
+from tests.helpers_pg import REPO, PgCluster, running_cluster, start_restored, start_watcher, wait_for
 
 
 @pytest.fixture
 def pg(workdir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster.initdb(workdir / "pgdata")
-    cluster.start()
-    with cluster.connect() as conn:
-        conn.execute("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)")
-    yield cluster
-    cluster.stop()
+    with running_cluster(workdir / "pgdata", "CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)") as cluster:
+        yield cluster
 
 
 def insert(cluster: PgCluster, *ids: int) -> None:
