@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import runtime, stack
+from . import logfiles, runtime, stack
 from .clientconfig import ConnectResult
 from .clientconfig import connect as _connect
 from .connection import format_connection, read_connection_file, write_connection_file
@@ -92,7 +92,8 @@ def log_files(service: str | None = None, **flags: Any) -> dict[str, Path]:
     names = stack.service_names(resolved) + ["tunnel"]
     if service is not None and service not in names:
         raise ConfigError(f"no service named {service!r}", hint=f"one of: {', '.join(names)}")
-    return {name: resolved.log_path(name) for name in names if service in (None, name)}
+    return {name: logfiles.readable(resolved.log_path(name), resolved.logs_dir, name)
+            for name in names if service in (None, name)}
 
 
 def config(**flags: Any) -> list[tuple[str, str, str]]:

@@ -195,6 +195,8 @@ def _follow(paths: dict, printer: Printer) -> None:
         for name, handle in handles.items():
             if handle is None:
                 continue
+            if os.fstat(handle.fileno()).st_size < handle.tell():
+                handle.seek(0)  # rotated (copy-truncate): the service writes from the start again
             for line in handle.readlines():
                 quiet = False
                 printer.line(f"{name}: {line.rstrip()}" if prefix else line.rstrip())

@@ -20,7 +20,7 @@ from collections import defaultdict, deque
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from . import state, tunnel
+from . import logfiles, state, tunnel
 from .errors import StackError
 from .settings import Settings, resolve
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .stack import Event
 
 CHECK_EVERY = 2.0
+COPY_LOGS_EVERY = 3  # rounds: the logs' copies in MF_ROOT (Drive) are at most this many rounds behind
 MAX_RESTARTS = 5
 WINDOW = 600.0
 
@@ -51,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %s", event.step, event.message)
 
     log.info("watching the stack at %s", args.root)
+    rounds = 0
     while True:
         time.sleep(CHECK_EVERY)
+        rounds += 1
         try:
             # Read each time: `up` saves the settings only once everything, this monitor too, is up.
             settings = resolve({"root": args.root})
+            _tend_logs(settings, only_large=rounds % COPY_LOGS_EVERY != 0)
             if not _something_died(settings, given_up):
                 continue
             from . import stack
@@ -74,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                 given_up.add(name)
                 log.error("%s died %d times in %d minutes: no more restarts; read %s",
                           name, len(times), WINDOW // 60, settings.log_path(name))
+
+
+def _tend_logs(settings: Settings, only_large: bool) -> None:
+    try:
+        logfiles.tend(settings.live_logs_dir, settings.logs_dir, settings.log_max_mb, only_large=only_large)
+    except OSError as exc:  # Drive unreachable for a while: the live logs keep everything until the next round
+        log.warning("copying the logs to %s failed: %s", settings.logs_dir, exc)
 
 
 def _something_died(settings: Settings, given_up: set[str]) -> bool:

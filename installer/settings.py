@@ -113,6 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_dir", "MF_CACHE_DIR", "caches that need not survive the machine (keep on local disk)",
             lambda s: _path("~/.cache/metaflow-stack") / hashlib.sha256(str(s["root"]).encode()).hexdigest()[:12],
             _path),
+    Setting("log_max_mb", "MF_LOG_MAX_MB", "cap on each service's log, in MB, on local disk and in MF_ROOT/logs",
+            lambda s: 4, _count),
     Setting("start_timeout", "MF_START_TIMEOUT", "seconds to wait for each service to become healthy",
             lambda s: 120.0, _seconds),
     Setting("wait_ui", "MF_WAIT_UI", "`up` returns once the UI is ready too (default: once flows can be tracked)",
@@ -151,6 +153,7 @@ class Settings:
     no_snapshots: bool
     snapshot_keep: int
     cache_dir: Path
+    log_max_mb: int
     start_timeout: float
     wait_ui: bool
     tunnel: bool
@@ -160,7 +163,13 @@ class Settings:
     # Folders derived from root; one definition each.
     @property
     def logs_dir(self) -> Path:
+        """Copies of the service logs that outlive the machine, in small segments (see installer/logfiles.py)."""
         return self.root / "logs"
+
+    @property
+    def live_logs_dir(self) -> Path:
+        """The logs services write to: local disk, so that an append is never an upload."""
+        return self.cache_dir / "logs"
 
     @property
     def state_dir(self) -> Path:
@@ -185,7 +194,8 @@ class Settings:
         return self.secrets_dir / "token"
 
     def log_path(self, service: str) -> Path:
-        return self.logs_dir / f"{service}.log"
+        """The log `service` writes to (local disk); MF_ROOT/logs/<service>/ holds its copies."""
+        return self.live_logs_dir / f"{service}.log"
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(name, value, source) for every setting, for `installer config`."""

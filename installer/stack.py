@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psycopg
 import requests
 
-from . import humanize, objectstore, procs, runtime, schema, snapshot, state, tunnel
+from . import humanize, logfiles, objectstore, procs, runtime, schema, snapshot, state, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .reconcile import reconcile_restored
@@ -31,6 +32,7 @@ from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Ser
                        migrations_dir, service_container, snapshot_status_file, waves)
 from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
+from .startwatch import StartWatch, Wave, first_failure, log_size
 
 # Free space wanted before pulling: the three unpacked images measured 2.6 GB.
 PULL_SPACE_BYTES = 3 * 1024**3
@@ -259,13 +261,8 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
                 step("snapshot-dir", lambda p: _check_snapshot_dir(settings))
                 if _is_empty(settings.pgdata_dir):
                     step("restore", lambda p: _restore_if_any(settings, holder, p))
-            for wave in waves(stack.services):
-                # Services of one wave need only what already runs: start them side by side.
-                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-                    futures = [pool.submit(step, s.name, lambda p, s=s: _start(stack, s, p, started))
-                               for s in wave]
-                    for future in futures:
-                        future.result()
+            for group in waves(stack.services):
+                _start_wave(stack, group, step, started)
             if settings.tunnel and not _tunnel_running(settings):
                 holder["tunnel"] = True
                 step("tunnel", lambda p: _start_tunnel(settings))
@@ -283,6 +280,36 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         status.steps = steps
         status.restored = holder.get("restored")
         return status
+
+
+def _start_wave(stack: _Stack, group: list[Service], step: Callable[[str, Callable[[Progress], str | None]], None],
+                started: list[Service]) -> None:
+    """Services of one wave need only what already runs: start them side by side.
+
+    The first that fails ends the others' waits at once; that failure is the one raised.
+    """
+    wave = Wave()
+
+    def start_one(service: Service, progress: Progress) -> str | None:
+        try:
+            return _start(stack, service, progress, started, wave)
+        except StackError as exc:
+            wave.failed.set()
+            with contextlib.suppress(Exception):
+                progress(f"failed: {exc.message}")  # seen now; the error comes after the rollback
+            raise
+        except BaseException:
+            wave.failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(group)) as pool:
+        futures = [pool.submit(step, s.name, lambda p, s=s: start_one(s, p)) for s in group]
+        wait_all([f for s, f in zip(group, futures) if s.awaited])
+        wave.settled.set()
+        wait_all(futures)
+    failure = first_failure([f.exception() for f in futures])
+    if failure is not None:
+        raise failure
 
 
 def _apply_token(settings: Settings) -> str | None:
@@ -336,6 +363,7 @@ def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter)
             state.forget(settings, service.name)
             stopped.append(service.name)
     left = [s.name for s in stack.services if state.live_pid(settings, s.name) is not None]
+    _copy_logs(settings)  # the failed start's output, kept with MF_ROOT for the next machine
     parts = []
     if stopped:
         parts.append(f"`up` stopped what it had started ({', '.join(stopped)})")
@@ -536,8 +564,12 @@ def _check_space(folder: Path, needed: int, doing: str, setting: str) -> None:
                          hint=f"free some space, or point {_flag_of(setting)} to a larger disk")
 
 
-def _start(stack: _Stack, service: Service, progress: Progress, started: list[Service] | None = None) -> str | None:
-    """Start `service` unless it runs healthy; `started` collects what was started here."""
+def _start(stack: _Stack, service: Service, progress: Progress, started: list[Service] | None = None,
+           wave: Wave | None = None) -> str | None:
+    """Start `service` unless it runs healthy; `started` collects what was started here.
+
+    `wave`: the services starting beside it, whose first failure ends this wait too.
+    """
     settings = stack.settings
     pid = state.live_pid(settings, service.name)
     answers = pid is not None and healthy(service.health)
@@ -555,13 +587,16 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         _check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
+        offset = log_size(log_path)
         pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
         state.record(settings, service.name, pid)
         if started is not None:
             started.append(service)
+        watch = StartWatch(service, pid, log_path, offset, lambda: _port_hint(settings, service))
         if not service.awaited:
+            _watch_beside(watch, wave)
             return f"starting on port {service.port} (pid {pid}); `status` says when it is ready"
-        _wait_healthy(settings, service, pid, log_path)
+        _wait_healthy(settings, watch, wave)
         detail = f"healthy on port {service.port} (pid {pid})" if service.port else f"running (pid {pid})"
     if service.on_ready:
         extra = service.on_ready(progress)
@@ -593,31 +628,51 @@ def _check_port(settings: Settings, service: Service) -> None:
         return
     pid, command = holder
     who = f"pid {pid} ({command[:120]})" if pid else command
+    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}",
+                    hint=_port_hint(settings, service))
+
+
+def _port_hint(settings: Settings, service: Service) -> str:
     name = next(n for n in _PORT_SETTINGS if getattr(settings, n) == service.port)
     hint = (f"stop that process, or give the {service.title} another port: {_flag_of(name)}, "
             f"e.g. {_flag_of(name).split()[0]} {procs.free_port()}")
     if name == "port":
         hint += " (the connection string changes with it: run `connect` again where it was used)"
-    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}", hint=hint)
+    return hint
 
 
-def _wait_healthy(settings: Settings, service: Service, pid: int, log_path: Path) -> None:
+def _wait_healthy(settings: Settings, watch: StartWatch, wave: Wave | None = None) -> None:
+    """Until healthy; a death, a port taken by another process, or a failure in `wave` ends it at once."""
+    service, log_path = watch.service, watch.log_path
     deadline = time.monotonic() + settings.start_timeout
     delay = 0.05
     while time.monotonic() < deadline:
         if healthy(service.health, timeout=2.0):
             return
-        if not procs.alive(pid):
-            procs.wait_gone([pid], 0)
-            raise ServiceFailed(f"the {service.title} exited during start-up", log=log_path,
-                                log_tail=procs.tail(log_path),
-                                hint=f"read {log_path}; `python -m installer logs {service.name}` shows it too")
+        problem = watch.problem()
+        if problem is not None:
+            raise problem
+        if wave is not None:
+            wave.check()
         time.sleep(delay)
         delay = min(delay * 1.5, 0.2)  # a check is a few ms; waiting longer only delays `up`
     raise ServiceFailed(f"the {service.title} did not become healthy within {settings.start_timeout:.0f} s",
                         log=log_path, log_tail=procs.tail(log_path),
                         hint=f"read {log_path} (`python -m installer logs {service.name}`); on a slow "
                              f"machine a longer {_flag_of('start_timeout')} may help")
+
+
+def _watch_beside(watch: StartWatch, wave: Wave | None) -> None:
+    """A service `up` does not wait for: watched while the services of its wave start, then once more."""
+    while wave is not None and not wave.settled.is_set():
+        problem = watch.problem()
+        if problem is not None:
+            raise problem
+        wave.check()
+        wave.settled.wait(0.2)
+    problem = watch.problem(force_port_check=True)
+    if problem is not None:
+        raise problem
 
 
 def _within_start_up(settings: Settings, service: Service, data: dict | None) -> bool:
@@ -631,7 +686,9 @@ def _await_ui(stack: _Stack) -> None:
     for service in stack.services:
         pid = state.live_pid(stack.settings, service.name)
         if service.name == "ui-backend" and pid is not None:
-            _wait_healthy(stack.settings, service, pid, stack.settings.log_path(service.name))
+            log_path = stack.settings.log_path(service.name)
+            _wait_healthy(stack.settings, StartWatch(service, pid, log_path, log_size(log_path),
+                                                     lambda s=service: _port_hint(stack.settings, s)))
 
 
 def _all_running(settings: Settings, stack: _Stack) -> bool:
@@ -677,7 +734,13 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
             state.forget(settings, service.name)
             stopped.append(service.name)
             report(Event(service.name, "stopped", time.monotonic() - began))
+        _copy_logs(settings)  # the monitor, which copies them while the stack runs, is stopped
         return stopped
+
+
+def _copy_logs(settings: Settings) -> None:
+    with contextlib.suppress(OSError):  # the live logs keep everything; the next copy catches up
+        logfiles.tend(settings.live_logs_dir, settings.logs_dir, settings.log_max_mb)
 
 
 def _leftovers(service: Service, processes: list[procs.ProcInfo] | None = None) -> list[procs.ProcInfo]:
