@@ -72,7 +72,7 @@ class StartWatch:
         if holder is None:
             taken = "it was taken by another process, gone since"
         elif holder[0]:
-            taken = f"it is taken by pid {holder[0]} ({holder[1][:120]})"
+            taken = f"it is taken by pid {holder[0]} ({' '.join(holder[1].split())[:120]})"
         else:
             taken = f"it is taken by {holder[1]}"
         return ServiceFailed(f"the {self.service.title} could not listen on port {port}: {taken}",
