@@ -15,8 +15,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_all
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Ser
                        migrations_dir, service_container, snapshot_status_file, waves)
 from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
-from .startwatch import StartWatch, Wave, first_failure, log_size
+from .startwatch import StartWatch, Wave, log_size, start_wave
 
 # Free space wanted before pulling: the three unpacked images measured 2.6 GB.
 PULL_SPACE_BYTES = 3 * 1024**3
@@ -262,7 +260,8 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
                 if _is_empty(settings.pgdata_dir):
                     step("restore", lambda p: _restore_if_any(settings, holder, p))
             for group in waves(stack.services):
-                _start_wave(stack, group, step, started)
+                # Services of one wave need only what already runs: start them side by side.
+                start_wave(group, step, lambda s, p, wave: _start(stack, s, p, started, wave))
             if settings.tunnel and not _tunnel_running(settings):
                 holder["tunnel"] = True
                 step("tunnel", lambda p: _start_tunnel(settings))
@@ -280,36 +279,6 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
         status.steps = steps
         status.restored = holder.get("restored")
         return status
-
-
-def _start_wave(stack: _Stack, group: list[Service], step: Callable[[str, Callable[[Progress], str | None]], None],
-                started: list[Service]) -> None:
-    """Services of one wave need only what already runs: start them side by side.
-
-    The first that fails ends the others' waits at once; that failure is the one raised.
-    """
-    wave = Wave()
-
-    def start_one(service: Service, progress: Progress) -> str | None:
-        try:
-            return _start(stack, service, progress, started, wave)
-        except StackError as exc:
-            wave.failed.set()
-            with contextlib.suppress(Exception):
-                progress(f"failed: {exc.message}")  # seen now; the error comes after the rollback
-            raise
-        except BaseException:
-            wave.failed.set()
-            raise
-
-    with ThreadPoolExecutor(max_workers=len(group)) as pool:
-        futures = [pool.submit(step, s.name, lambda p, s=s: start_one(s, p)) for s in group]
-        wait_all([f for s, f in zip(group, futures) if s.awaited])
-        wave.settled.set()
-        wait_all(futures)
-    failure = first_failure([f.exception() for f in futures])
-    if failure is not None:
-        raise failure
 
 
 def _apply_token(settings: Settings) -> str | None:

@@ -9,17 +9,20 @@ outside its own tree (taken after `up` checked it was free)?
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import procs
-from .errors import ServiceFailed
-from .services import Service
+from .errors import ServiceFailed, StackError
+from .services import Progress, Service
 
 # What a failed bind says in the logs of the stack's services (Python's OSError, aiohttp, PostgreSQL).
 _BIND_ERROR = re.compile(r"address already in use|errno 98\b", re.IGNORECASE)
@@ -111,7 +114,35 @@ class Wave:
             raise StartAborted()
 
 
-def first_failure(errors: list[BaseException | None]) -> BaseException | None:
-    """The error to report for a wave: a real one before any 'another service failed'."""
+Step = Callable[[str, Callable[[Progress], "str | None"]], None]
+
+
+def start_wave(group: list[Service], step: Step, start: Callable[[Service, Progress, Wave], str | None]) -> None:
+    """Start the services of one wave side by side, each as a `step` of `up`.
+
+    The first that fails ends the others' waits at once, and that failure is the one raised.
+    """
+    wave = Wave()
+
+    def start_one(service: Service, progress: Progress) -> str | None:
+        try:
+            return start(service, progress, wave)
+        except StackError as exc:
+            wave.failed.set()
+            with contextlib.suppress(Exception):  # said now: the error itself comes after the rollback
+                progress(f"failed: {exc.message}")
+            raise
+        except BaseException:
+            wave.failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(group)) as pool:
+        futures = [pool.submit(step, s.name, lambda p, s=s: start_one(s, p)) for s in group]
+        wait_all([f for s, f in zip(group, futures) if s.awaited])
+        wave.settled.set()
+        wait_all(futures)
+    errors = [f.exception() for f in futures]
     real = [e for e in errors if e is not None and not isinstance(e, StartAborted)]
-    return real[0] if real else next((e for e in errors if e is not None), None)
+    failure = real[0] if real else next((e for e in errors if e is not None), None)
+    if failure is not None:
+        raise failure
