@@ -108,6 +108,7 @@ def test_a_port_taken_after_the_checks_is_reported_at_once(stack: dict, service:
         try:
             with pytest.raises(ServiceFailed) as caught:
                 installer.up(progress=recorder.progress, **stack)
+            raised_at = time.monotonic()
             assert holder and holder[0].poll() is None, "the port holder did not start"
             message = str(caught.value)
             title = resolve(stack).log_path(service)
@@ -118,13 +119,17 @@ def test_a_port_taken_after_the_checks_is_reported_at_once(stack: dict, service:
             # From the moment the start was doomed (the port taken), before the service even tried it.
             assert recorder.failed_at is not None, recorder.events
             assert recorder.failed_at - taken_at[0] < WITHIN_S, recorder.events
+            # The entry point, waiting beside it for a metadata service that will never answer, stopped
+            # waiting at once: the error came long before the start timeout (90 s), rollback included.
+            assert raised_at - taken_at[0] < 30, recorder.events
             assert_nothing_runs(stack)
             assert saved_settings(stack) is None
         finally:
             for process in holder:
                 process.kill()
                 process.wait()
-    print(f"failure reported {recorder.failed_at - taken_at[0]:.2f} s after the port was taken:\n{message}")
+    print(f"failure reported {recorder.failed_at - taken_at[0]:.2f} s after the port was taken, raised after "
+          f"{raised_at - taken_at[0]:.2f} s:\n{message}")
     assert installer.up(**stack).running  # the port free again: the same settings start
 
 
@@ -134,6 +139,7 @@ def test_a_service_that_exits_at_start_is_named_with_its_log(stack: dict) -> Non
     with StartRecorder(flags, "proxy") as recorder:
         with pytest.raises(ServiceFailed) as caught:
             installer.up(progress=recorder.progress, **flags)
+        raised_at = time.monotonic()
     message = str(caught.value)
     assert "the entry point (reverse proxy) exited during start-up" in message, message
     log = resolve(flags).log_path("proxy")
@@ -142,4 +148,5 @@ def test_a_service_that_exits_at_start_is_named_with_its_log(stack: dict) -> Non
     assert "nothing of this stack is running" in message
     assert recorder.seconds_to_failure() < WITHIN_S, recorder.events
     assert_nothing_runs(flags)
-    print(f"failure reported {recorder.seconds_to_failure():.2f} s after the process exited")
+    print(f"failure reported {recorder.seconds_to_failure():.2f} s after the process exited, raised after "
+          f"{raised_at - recorder.died_at:.2f} s")
