@@ -190,15 +190,24 @@ def _follow(paths: dict, printer: Printer) -> None:
             handle.seek(0, os.SEEK_END)
         handles[name] = handle
     prefix = len(paths) > 1
+    last: dict[str, str] = {}
     while True:
         quiet = True
         for name, handle in handles.items():
             if handle is None:
                 continue
             if os.fstat(handle.fileno()).st_size < handle.tell():
-                handle.seek(0)  # rotated (copy-truncate): the service writes from the start again
-            for line in handle.readlines():
+                # Rotated: the part already copied was cut from the start (installer/logfiles.py).
+                # Go on after the last line shown, if it is still there.
+                handle.seek(0)
+                lines = handle.readlines()
+                if last.get(name) in lines:
+                    lines = lines[len(lines) - lines[::-1].index(last[name]):]
+            else:
+                lines = handle.readlines()
+            for line in lines:
                 quiet = False
+                last[name] = line
                 printer.line(f"{name}: {line.rstrip()}" if prefix else line.rstrip())
         if quiet:
             time.sleep(0.3)
