@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import api
+from . import api, logfiles
 from .errors import StackError
 from .output import Printer
 from .procs import tail
@@ -197,10 +197,13 @@ def _follow(paths: dict, printer: Printer) -> None:
             if handle is None:
                 continue
             if os.fstat(handle.fileno()).st_size < handle.tell():
-                # Rotated: the part already copied was cut from the start (installer/logfiles.py).
-                # Go on after the last line shown, if it is still there.
-                handle.seek(0)
-                lines = handle.readlines()
+                # Rotated: the part already copied was cut from the start (installer/logfiles.py); its
+                # recent part is in <log>.1. Go on after the last line shown.
+                time.sleep(0.2)  # the rotation writes where the output goes on right after the cut
+                resume = logfiles.resume_after_rotation(paths[name])
+                handle.seek(resume[1] if resume else 0)
+                text = (resume[0].decode("utf-8", "replace") if resume else "") + handle.read()
+                lines = text.splitlines(keepends=True)
                 if last.get(name) in lines:
                     lines = lines[len(lines) - lines[::-1].index(last[name]):]
             else:

@@ -104,6 +104,7 @@ def tend_one(live: Path, dest: Path, bounds: Limits) -> int:
             handle.seek(start)
             _write_atomic(live.with_name(live.name + ".1"), handle.read(end - start))
             end -= _drop_copied(handle.fileno(), end)
+            _write_atomic(_seam(live), f"{end}\n".encode())
         _write_atomic(cursor, f"{info.st_ino} {end}\n".encode())
     return len(fresh)
 
@@ -182,6 +183,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     tmp.replace(path)
+
+
+def _seam(live: Path) -> Path:
+    return live.with_name(f".{live.name}.seam")
+
+
+def resume_after_rotation(live: Path) -> tuple[bytes, int] | None:
+    """For a reader of `live` that saw it shrink: the recent part kept in <log>.1, and the offset in
+    `live` where the output goes on after the last byte of it; None if unknown."""
+    try:
+        kept = live.with_name(live.name + ".1").read_bytes()
+        offset = int(_seam(live).read_text())
+        size = live.stat().st_size
+    except (OSError, ValueError):
+        return None
+    return (kept, offset) if offset <= size else None
 
 
 def readable(live: Path, logs_dir: Path, service: str) -> Path:

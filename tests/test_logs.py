@@ -7,11 +7,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import requests
 
 import installer
-from installer import logfiles, monitor, procs
+from installer import cli, logfiles, monitor, procs
 from installer.settings import resolve
 
 MB = 1024 * 1024
@@ -114,3 +115,26 @@ def test_a_flooded_entry_point_keeps_its_log_under_the_cap(stack: dict) -> None:
     last_copied = logfiles.segments(copies)[-1].read_text(errors="replace").rstrip().splitlines()[-1]
     assert last_copied == live.read_text(errors="replace").rstrip().splitlines()[-1]
     print(f"{sent[0]} requests; largest: local {largest[0]} B, copies {largest[1]} B")
+
+
+def test_logs_follow_goes_on_across_rotations(tmp_path: Path) -> None:
+    live_dir, logs_dir = tmp_path / "cache" / "logs", tmp_path / "root" / "logs"
+    live = live_dir / "writer.log"
+    live.parent.mkdir(parents=True)
+    live.write_text("")
+    shown: list[str] = []
+    follower = threading.Thread(target=cli._follow, args=({"writer": live}, SimpleNamespace(line=shown.append)),
+                                daemon=True)
+    follower.start()
+    time.sleep(0.5)
+    pid = procs.spawn([sys.executable, "-c", _WRITER, "12"], log_path=live)
+    rotations = 0
+    while procs.alive(pid):
+        time.sleep(0.5)
+        before = live.stat().st_size
+        logfiles.tend(live_dir, logs_dir, 1)
+        rotations += live.stat().st_size < before
+    time.sleep(1.0)
+    numbers = [int(found.group(1)) for found in map(re.compile(r"^line (\d{9}) ").match, shown) if found]
+    assert rotations >= 3
+    assert numbers == list(range(len(numbers))) and shown[-1].startswith("done after"), "a gap or a repeat"
