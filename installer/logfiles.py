@@ -12,8 +12,8 @@ monitor every few seconds, and once more by `down` and by a failed `up`) does tw
   and cannot be asked to reopen it, so the copied part is cut from the file's start in place:
   fallocate(COLLAPSE_RANGE), atomic against their writes, so a line written meanwhile is kept.
   Where the file system cannot do that, the file is truncated (copy-truncate): a line written in
-  the instant between the last read and the truncate is then lost. The recent part is kept beside
-  it as <service>.log.1, so the local pair stays under the cap too.
+  the instant between the last read and the truncate is then lost. The recent part (an eighth of
+  the cap) is kept beside it as <service>.log.1, so the local pair stays under the cap too.
 
 The copy position (inode and offset) is kept on local disk beside the log: a copy after a restart
 of the monitor goes on where the last one stopped.
@@ -39,6 +39,11 @@ class Limits:
     @property
     def rotate_at(self) -> int:
         return max(self.cap // 4, 1)
+
+    @property
+    def kept(self) -> int:
+        """The recent part of a rotated log kept locally beside it: room left for a burst between rounds."""
+        return max(self.cap // 8, 1)
 
     @property
     def segment(self) -> int:
@@ -100,7 +105,7 @@ def tend_one(live: Path, dest: Path, bounds: Limits) -> int:
             _append(dest, fresh, bounds)
         if end >= bounds.rotate_at:
             # The recent part stays readable locally; what is older is in the copies.
-            start = max(0, end - bounds.rotate_at)
+            start = max(0, end - bounds.kept)
             handle.seek(start)
             _write_atomic(live.with_name(live.name + ".1"), handle.read(end - start))
             end -= _drop_copied(handle.fileno(), end)
