@@ -21,7 +21,6 @@ of the monitor goes on where the last one stopped.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -115,7 +114,7 @@ def tend_one(live: Path, dest: Path, bounds: Limits) -> int:
 
 
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
-_libc = None
+_fallocate = None
 
 
 def _drop_copied(fd: int, copied: int) -> int:
@@ -131,13 +130,17 @@ def _drop_copied(fd: int, copied: int) -> int:
 
 
 def _collapse(fd: int, length: int) -> bool:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if _libc.fallocate(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, length) == 0:
+    global _fallocate
+    if _fallocate is None:
+        import ctypes  # here: the monitor, which imports this module, stays small until a log is rotated
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        _fallocate = (libc.fallocate, ctypes.get_errno)
+    call, last_errno = _fallocate
+    if call(fd, _FALLOC_FL_COLLAPSE_RANGE, 0, length) == 0:
         return True
-    code = ctypes.get_errno()
+    code = last_errno()
     if code in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code))
