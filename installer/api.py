@@ -18,6 +18,7 @@ from .connection import format_connection, read_connection_file, write_connectio
 from .errors import ConfigError, StackError
 from .secrets import rotate_secret
 from .settings import Settings, resolve
+from .stackstatus import StackStatus
 
 Progress = Callable[[stack.Event], None]
 
@@ -26,7 +27,7 @@ def settings(**flags: Any) -> Settings:
     return resolve(flags)
 
 
-def up(progress: Progress | None = None, **flags: Any) -> stack.StackStatus:
+def up(progress: Progress | None = None, **flags: Any) -> StackStatus:
     """Start the stack and return its status once every service is healthy."""
     return stack.up(resolve(flags), progress or (lambda _: None))
 
@@ -41,7 +42,7 @@ def local_registry(verb: str = "status", **flags: Any) -> str | None:
     return runtime.local_registry(resolve(flags).registry, verb)
 
 
-def status(**flags: Any) -> stack.StackStatus:
+def status(**flags: Any) -> StackStatus:
     return stack.status(resolve(flags))
 
 

@@ -11,33 +11,33 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import requests
 
-from . import humanize, logfiles, objectstore, procs, runtime, schema, snapshot, state, tunnel
-from .connection import read_connection_file, write_connection_file
+from . import humanize, logfiles, procs, runtime, schema, snapshot, state, tunnel
+from .connection import write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
 from .reconcile import reconcile_restored
 from .secrets import read_or_create_secret, write_secret
-from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
-                       migrations_dir, service_container, snapshot_status_file, waves)
+from .services import (DB_NAME, Hooks, Progress, Secrets, Service, define, dsn,
+                       migrations_dir, snapshot_status_file, waves)
 from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
+from .health import healthy, within_start_up
+from .stackstatus import StackStatus, collect
 from .startwatch import StartWatch, Wave, log_size, start_wave
+from .stopping import leftovers, stop
 
 # Free space wanted before pulling: the three unpacked images measured 2.6 GB.
 PULL_SPACE_BYTES = 3 * 1024**3
 # Free space wanted for PostgreSQL: a new cluster is about 40 MB, and it keeps up to
 # wal_keep_size (256 MB) of write-ahead log.
 PGDATA_SPACE_BYTES = 300 * 1000**2
-STOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,50 +50,6 @@ class Event:
 
 
 Reporter = Callable[[Event], None]
-
-
-@dataclass
-class ServiceStatus:
-    name: str
-    title: str
-    state: str  # running, stopped, dead
-    pid: int | None
-    port: int
-    healthy: bool
-    uptime: float | None
-    log: str
-    # Alive, not answering yet, and still within its start-up time (the UI backend after `up` returned).
-    starting: bool = False
-
-
-@dataclass
-class StackStatus:
-    root: str
-    services: list[ServiceStatus]
-    schema_version: int | None
-    urls: dict[str, str]
-    already_running: bool = False
-    steps: list[dict] = field(default_factory=list)
-    # Last snapshot: generation, age_seconds, size_bytes, error (None when snapshots are off).
-    snapshot: dict | None = None
-    # Set by `up` when it restored the database from a snapshot: which generation, from where.
-    restored: str | None = None
-    connection_string: str | None = None
-    # The Metaflow client inside the service image: the UI backend reads runs' data with it.
-    image_metaflow_version: str | None = None
-
-    @property
-    def running(self) -> bool:
-        """Every service runs and answers, or is still starting on its own."""
-        return bool(self.services) and all(s.state == "running" and (s.healthy or s.starting)
-                                           for s in self.services)
-
-    @property
-    def ui_ready(self) -> bool:
-        return any(s.name == "ui-backend" and s.healthy for s in self.services)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "running": self.running, "ui_ready": self.ui_ready}
 
 
 # --- context -------------------------------------------------------------------
@@ -192,24 +148,6 @@ def _lock(settings: Settings, verb: str) -> Iterator[None]:
 
 
 # --- health -------------------------------------------------------------------
-
-
-def healthy(check: Health, timeout: float = 3.0) -> bool:
-    if check.kind == "process":
-        return True  # asked only about a process known to be alive
-    if check.kind == "unix-http":
-        return objectstore.store_answers(Path(check.target), timeout=timeout)
-    try:
-        if check.kind == "postgres":
-            if check.ready_file is not None and _postmaster_status(check.ready_file) != "ready":
-                return False
-            with psycopg.connect(check.target, connect_timeout=max(1, int(timeout))) as conn:
-                conn.execute("SELECT 1")
-            return True
-        answer = requests.get(check.target, timeout=timeout)
-        return answer.ok and check.expect in answer.text
-    except (psycopg.Error, requests.RequestException):
-        return False
 
 
 # --- up ------------------------------------------------------------------------
@@ -326,7 +264,7 @@ def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter)
             say(Event(service.name, "stopping"))
             began = time.monotonic()
             with contextlib.suppress(StackError):
-                _stop(stack, service, pid)
+                stop(service, pid, stack.settings.pgdata_dir)
             say(Event(service.name, "stopped again: this `up` had started it", time.monotonic() - began))
         if state.live_pid(settings, service.name) is None:
             state.forget(settings, service.name)
@@ -542,17 +480,17 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
     settings = stack.settings
     pid = state.live_pid(settings, service.name)
     answers = pid is not None and healthy(service.health)
-    if pid is not None and not answers and _within_start_up(settings, service, state.recorded(settings, service.name)):
+    if pid is not None and not answers and within_start_up(settings, service, state.recorded(settings, service.name)):
         return "already starting"
     if answers:
         detail = "already running"
     else:
         if pid is not None:
             progress(f"pid {pid} is not healthy; restarting it")
-            _stop(stack, service, pid)
-        elif _leftovers(service):
+            stop(service, pid, stack.settings.pgdata_dir)
+        elif leftovers(service):
             progress("stopping what is left of its previous start")
-            _stop(stack, service, None)
+            stop(service, None, stack.settings.pgdata_dir)
         _check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
@@ -644,12 +582,6 @@ def _watch_beside(watch: StartWatch, wave: Wave | None) -> None:
         raise problem
 
 
-def _within_start_up(settings: Settings, service: Service, data: dict | None) -> bool:
-    """A service `up` does not wait for, started (as `data`, its record, says) less than its start-up time ago."""
-    return (not service.awaited and data is not None
-            and time.time() - data.get("started", 0) < settings.start_timeout)
-
-
 def _await_ui(stack: _Stack) -> None:
     """For `up --wait-ui` on a stack whose UI backend is still starting."""
     for service in stack.services:
@@ -683,9 +615,9 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
         for service in reversed(stack.services):
             pid = state.live_pid(settings, service.name)
             if pid is None:
-                if _leftovers(service):
+                if leftovers(service):
                     report(Event(service.name, "stopping what is left of it"))
-                    _stop(stack, service, None)
+                    stop(service, None, stack.settings.pgdata_dir)
                     stopped.append(service.name)
                 state.forget(settings, service.name)
                 continue
@@ -699,7 +631,7 @@ def down(settings: Settings, report: Reporter = lambda _: None) -> list[str]:
                 except StackError as exc:
                     # Stopping must go on; the watcher's last snapshot stays the newest good one.
                     report(Event(service.name, f"final snapshot failed: {exc.message}"))
-            _stop(stack, service, pid)
+            stop(service, pid, stack.settings.pgdata_dir)
             state.forget(settings, service.name)
             stopped.append(service.name)
             report(Event(service.name, "stopped", time.monotonic() - began))
@@ -712,81 +644,6 @@ def _copy_logs(settings: Settings) -> None:
         logfiles.tend(settings.live_logs_dir, settings.logs_dir, settings.log_max_mb)
 
 
-def _leftovers(service: Service, processes: list[procs.ProcInfo] | None = None) -> list[procs.ProcInfo]:
-    """Processes of a container service that outlived their proot (its pid is no longer recorded)."""
-    return procs.with_environment(GUEST_TAG, service.guest_tag, processes) if service.guest_tag else []
-
-
-def _stop(stack: _Stack, service: Service, pid: int | None) -> None:
-    """Stop one service the way that works for it, then prove nothing of it is left.
-
-    With `pid` None: what is left of a service whose recorded process died (see _leftovers).
-    """
-    table = procs.all_processes()
-    tree = procs.descendants(pid, table) if pid is not None else []
-    tree_pids = {p.pid for p in tree}
-    inside = tree + [p for p in _leftovers(service, table) if p.pid not in tree_pids and p.pid != pid]
-    members = ([pid] if pid is not None else []) + [p.pid for p in inside]
-    if not members:
-        return
-    if service.stop is StopPolicy.HOST_TERM:
-        if pid is not None:
-            procs.terminate(pid, STOP_TIMEOUT)
-    elif service.stop is StopPolicy.POSTMASTER:
-        postmaster = _postmaster_pid(stack.settings.pgdata_dir)
-        if postmaster is not None:
-            procs.send(postmaster, signal.SIGINT)
-            procs.wait_gone([postmaster], STOP_TIMEOUT)
-    elif service.stop is StopPolicy.GUEST_TERM:
-        guests = [p.pid for p in inside if service.guest_marker in p.command and not _is_runtime_process(p)]
-        for guest in guests:
-            procs.send(guest, signal.SIGTERM)
-        procs.wait_gone(guests, STOP_TIMEOUT)
-    elif service.stop is StopPolicy.GUEST_KILL:
-        # It ignores SIGTERM; stop every guest first so no worker is re-spawned, then kill them.
-        guests = [p.pid for p in inside if not _is_runtime_process(p)]
-        for guest in guests:
-            procs.send(guest, signal.SIGSTOP)
-        procs.kill_tree(guests)
-    # proot (and udocker, where it waits for proot) exits by itself once its guest is gone; give it a moment.
-    left = procs.wait_gone(members, 5.0)
-    if left:
-        left = procs.kill_tree(left)
-    # A service stopped while it was still starting may have forked after `members` was read
-    # (proot, left to init when its parent went): its session group still names it.
-    for _ in range(3 if pid is not None else 0):
-        stray = [p.pid for p in procs.group_members(pid) if p.pid not in left]
-        if not stray:
-            break
-        left += procs.kill_tree(stray)
-    if left:
-        raise ServiceFailed(f"could not stop the {service.title}: processes {left} are still running",
-                            hint="stop them by hand (kill -9) and run `installer down` again")
-
-
-def _is_runtime_process(info: procs.ProcInfo) -> bool:
-    head = " ".join(info.cmdline[:2])
-    return "udocker" in head or "proot" in (info.cmdline[0] if info.cmdline else "")
-
-
-def _postmaster_status(pid_file: Path) -> str | None:
-    """The state PostgreSQL keeps on line 8 of postmaster.pid: starting, ready, stopping, standby."""
-    try:
-        lines = pid_file.read_text().splitlines()
-    except OSError:
-        return None
-    return lines[7].strip() if len(lines) > 7 else None
-
-
-def _postmaster_pid(pgdata: Path) -> int | None:
-    try:
-        first = (pgdata / "postmaster.pid").read_text().splitlines()[0]
-        pid = int(first)
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if procs.alive(pid) else None
-
-
 # --- status --------------------------------------------------------------------
 
 
@@ -795,55 +652,7 @@ def status(settings: Settings) -> StackStatus:
 
 
 def _status(settings: Settings, stack: _Stack) -> StackStatus:
-    rows = []
-    for service in stack.services:
-        data = state.recorded(settings, service.name)
-        pid = state.alive(data)
-        if pid is not None:
-            condition = "running"
-        elif data is not None and data.get("boot_id") == procs.boot_id():
-            condition = "dead"  # started on this machine and gone without `down`: its log says why
-        else:
-            condition = "stopped"
-        is_healthy = pid is not None and healthy(service.health, timeout=2.0)
-        uptime = time.time() - data["started"] if pid is not None and data else None
-        starting = not is_healthy and pid is not None and _within_start_up(settings, service, data)
-        rows.append(ServiceStatus(service.name, service.title, condition, pid, service.port, is_healthy,
-                                  None if uptime is None else round(uptime, 1),
-                                  str(settings.log_path(service.name)), starting))
-    version = None
-    if rows and rows[0].healthy:
-        with contextlib.suppress(psycopg.Error):
-            with psycopg.connect(dsn(settings, stack.secrets.db_password)) as conn:
-                version = schema.current_version(conn)
-    base = f"http://127.0.0.1:{settings.port}"
-    urls = {"ui": f"{base}/", "metadata_service": f"{base}/service", "ui_backend": f"{base}/api"}
-    saved = read_connection_file(settings.root)
-    if saved and saved.get("tunnel"):
-        urls["public"] = saved["url"]
-    return StackStatus(str(settings.root), rows, version, urls, snapshot=_snapshot_summary(settings),
-                       connection_string=saved.get("connection_string") if saved else None,
-                       image_metaflow_version=_image_metaflow_version(stack))
-
-
-def _image_metaflow_version(stack: _Stack) -> str | None:
-    root = stack.udocker.container_root(service_container(stack.settings))
-    found = sorted(root.glob("opt/latest/lib/python3*/site-packages/metaflow-*.dist-info"))
-    return found[-1].name[len("metaflow-"):-len(".dist-info")] if found else None
-
-
-def _snapshot_summary(settings: Settings) -> dict | None:
-    """The last snapshot, as the watcher (or `down`, or `snapshot`) recorded it."""
-    if settings.no_snapshots:
-        return None
-    recorded = snapshot.read_status(snapshot_status_file(settings))
-    summary = {"folder": str(settings.snapshot_dir), "generation": None, "age_seconds": None,
-               "size_bytes": None, "error": None, "state": "not started"}
-    if recorded is not None:
-        summary.update(generation=recorded.last_id, size_bytes=recorded.last_size, error=recorded.last_error,
-                       state=recorded.state,
-                       age_seconds=None if recorded.age_s is None else round(recorded.age_s, 1))
-    return summary
+    return collect(settings, stack.services, stack.secrets.db_password, stack.udocker)
 
 
 def take_snapshot(settings: Settings) -> snapshot.Generation:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import installer
-from installer import procs, stack, state
+from installer import procs, stack, state, stopping
 from installer.settings import resolve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def stop_services(flags: dict, names: tuple[str, ...]) -> None:
     for service in loaded.services:
         pid = state.live_pid(settings, service.name)
         if service.name in names and pid is not None:
-            stack._stop(loaded, service, pid)
+            stopping.stop(service, pid, settings.pgdata_dir)
             state.state_file(settings, service.name).unlink()
 
 
