@@ -56,7 +56,7 @@ class Printer:
             self.stream.flush()
             self._redrawn = True
             if transfer.finished:
-                self.line()
+                self._end_redrawn()
             return
         now = self.clock()
         if transfer.finished or now - self._last_plain >= PLAIN_TRANSFER_EVERY:
