@@ -523,7 +523,8 @@ class _PanelView:
             if transfer is not None:
                 self.bar.value = transfer.fraction
                 self.bar.bar_style = "success" if transfer.finished else "info"
-                self.bar_label.value = str(transfer).removeprefix("pulling ")
+                self.bar.description = transfer.what
+                self.bar_label.value = str(transfer).removeprefix(transfer.what + " ")
             # After a failure something may still run (a service left for inspection): offer the stop too.
             shown = panel.state in ("running", "unhealthy", "failed", "stopped")
             self.buttons.layout.display = "flex" if shown else "none"

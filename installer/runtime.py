@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .errors import ImageError, RuntimeUnavailable, StackError
 from .pulls import (DEFAULT_MIRRORS, PARALLEL_LAYERS, Located, Source, fetch_layers, front_url, locate,
                     loopback_registry, parse_source)
 from .registry import Credentials
+from .transfer import Meter
 
 Progress = Callable[[str], None]
 
@@ -149,12 +153,33 @@ class Udocker:
             # A creation that was interrupted: start again from a clean slate.
             self.run("rm", "-f", name, what=f"removing the incomplete container {name}", check=False)
             shutil.rmtree(self.container_dir(name), ignore_errors=True)
-        progress(f"creating container {name} from {ref} (unpacking its layers)")
-        self.run("create", f"--name={name}", image_spec(ref).local_name, what=f"creating container {name}",
-                 hint="check free disk space under UDOCKER_DIR")
+        progress(f"creating container {name} from {ref}")
+        with _unpacking(self.home, self._unpacked_size(ref), progress):
+            self.run("create", f"--name={name}", image_spec(ref).local_name, what=f"creating container {name}",
+                     hint="check free disk space under UDOCKER_DIR")
         self.run("setup", f"--execmode={EXECUTION_MODE}", name, what=f"configuring container {name}")
         (self.container_dir(name) / _READY_MARK).write_text(ref + "\n")
         return True
+
+    def _unpacked_size(self, ref: str) -> int:
+        """The image's unpacked size, from each gzip layer's trailer (0 when a layer says nothing)."""
+        name, _, tag = image_spec(ref).local_name.rpartition(":")
+        folder = self.home / "repos" / name / tag
+        try:
+            layers = [folder / item["digest"] for item in json.loads((folder / "manifest").read_text())["layers"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        total = 0
+        for layer in layers:
+            try:
+                with open(layer, "rb") as handle:
+                    if handle.read(2) != b"\x1f\x8b":
+                        return 0
+                    handle.seek(-4, os.SEEK_END)
+                    total += int.from_bytes(handle.read(4), "little")  # ISIZE: the size modulo 4 GiB
+            except OSError:
+                return 0
+        return total
 
     def run_argv(self, container: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  volumes: Sequence[tuple[Path, str]] = (), workdir: str | None = None,
@@ -177,6 +202,44 @@ class Udocker:
             return self.command(*args, container, *argv)
         # udocker's own command line, in a process that becomes proot rather than waiting for it.
         return [sys.executable, "-m", "installer.udocker_exec", "--allow-root", *args, container, *argv]
+
+
+@contextmanager
+def _unpacking(home: Path, total: int, progress: Progress, every: float = 1.0) -> Iterator[None]:
+    """Progress of `udocker create`: bytes appearing in the new container's folder against `total`."""
+    before = set(os.listdir(home / "containers")) if (home / "containers").is_dir() else set()
+    done = threading.Event()
+    meter = Meter("unpacking", total, progress, every=0.0)
+
+    def watch() -> None:
+        while not done.wait(every):
+            fresh = [home / "containers" / n for n in os.listdir(home / "containers") if n not in before] \
+                if (home / "containers").is_dir() else []
+            size = sum(_tree_size(path) for path in fresh if not path.is_symlink())
+            meter.add(max(0, min(size, total) - meter.done))
+
+    watcher = threading.Thread(target=watch, name="mfstack-unpacking", daemon=True)
+    if total:
+        watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if total:
+            watcher.join(timeout=5)
+    if total:
+        meter.finish()
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def container_name(service: str, ref: str) -> str:

@@ -521,7 +521,8 @@ def _pull_images(stack: _Stack, progress: Progress) -> str:
                                          settings.registry_auth_file)
     found = stack.udocker.pull_all(refs, settings.registry, progress, mirrors=settings.mirrors,
                                    credentials=credentials)
-    todo = [s for s in stack.services if s.container and s.image and not stack.udocker.has_container(s.container)]
+    todo = list({s.container: s for s in stack.services
+                 if s.container and s.image and not stack.udocker.has_container(s.container)}.values())
     for number, service in enumerate(todo, 1):
         stack.udocker.ensure_container(service.image, service.container,
                                        lambda line, n=number: progress(f"({n} of {len(todo)}) {line}"))

@@ -15,6 +15,7 @@ from . import humanize
 
 
 class Transfer(str):
+    what: str  # pulling, unpacking
     done: int
     total: int
     rate: float  # bytes per second, over the last few seconds
@@ -32,6 +33,7 @@ class Transfer(str):
             if left is not None:
                 text += f", {humanize.duration(left)} left"
         line = super().__new__(cls, text)
+        line.what = what
         line.done, line.total, line.rate, line.left, line.finished = done, total, rate, left, finished
         return line
 
@@ -62,7 +64,9 @@ class Meter:
         self.report(line)
 
     def finish(self) -> Transfer:
+        """The end of a transfer that completed (a byte count that was an estimate becomes the total)."""
         with self._lock:
+            self.done = max(self.done, self.total)
             now = self.clock()
             elapsed = max(now - self._began, 1e-6)
             line = Transfer(self.what, self.done, self.total, self.done / elapsed, 0.0, finished=True)

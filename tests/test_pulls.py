@@ -84,6 +84,14 @@ def test_each_image_comes_from_the_next_registry_that_has_it(tmp_path: Path, reg
     assert f"found {PG} from {p.url} (after {h.url}: pull limit reached (HTTP 429)" in "\n".join(lines)
     assert not list((tmp_path / "udocker" / "layers").glob(".*.part"))
 
+    # Creating a container shows its unpacking the same way, against the layers' unpacked size.
+    lines.clear()
+    assert udocker.ensure_container(PG, "probe", lines.append)
+    unpacking = [line for line in lines if isinstance(line, Transfer)]
+    assert unpacking and all(t.what == "unpacking" and t.total > 2 * pg.manifest.size for t in unpacking)
+    assert unpacking[-1].finished and unpacking[-1].done == unpacking[-1].total
+    assert [t.done for t in unpacking] == sorted(t.done for t in unpacking)
+
 
 def test_a_429_everywhere_says_what_happened_what_was_tried_and_what_to_do(tmp_path: Path, registry: str) -> None:
     hub = Behaviour(upstream=registry, anonymous_pulls=0)
