@@ -37,6 +37,7 @@ class Behaviour:
     paths: dict[str, str] = field(default_factory=dict)  # served repo -> upstream repo
     retag: dict[str, str] = field(default_factory=dict)  # served tag -> upstream tag
     rate: float | None = None  # bytes per second for blobs, shared by all connections
+    per_connection: bool = False  # the rate holds for each connection (a CDN's per-stream cap), not for all
 
 
 class _Link:
@@ -186,9 +187,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if method == "HEAD":
                 return
+            link = _Link(rules.rate) if rules.rate and rules.per_connection else self.server.link
             for chunk in answer.iter_content(64 * 1024):
-                if self.server.link:
-                    self.server.link.take(len(chunk))
+                if link:
+                    link.take(len(chunk))
                 self.wfile.write(chunk)
 
 
