@@ -642,13 +642,33 @@ def start_stack(*, widgets: bool | None = None, raise_on_error: bool = True, on_
     A failure stays on the panel (message, hint, end of the failing log) and is raised
     again, so that a notebook run stops there; pass raise_on_error=False to keep going.
     """
-    panel = Panel(flags, widgets=widgets, on_line=on_line)
+    panel = Panel({**colab_registry_secrets(flags), **flags}, widgets=widgets, on_line=on_line)
     if panel.view is not None:
         _display(panel.view.box)
     panel.start()
     if panel.error is not None and raise_on_error:
         raise _shown(panel.error)
     return panel
+
+
+def colab_registry_secrets(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Registry credentials from Colab's secrets (MF_REGISTRY_USER, MF_REGISTRY_PASSWORD), as `up` flags.
+
+    Only on Colab, only when neither flags nor the environment give any, and only secrets this
+    notebook was granted; passed in memory, never written anywhere.
+    """
+    names = ("registry_user", "registry_password", "registry_auth_file")
+    if not in_colab() or any(flags.get(n) for n in names) or any(
+            environ.get(v) for v in ("MF_REGISTRY_USER", "MF_REGISTRY_PASSWORD", "MF_REGISTRY_AUTH_FILE")):
+        return {}
+    try:
+        from google.colab import userdata
+
+        found = {"registry_user": userdata.get("MF_REGISTRY_USER"),
+                 "registry_password": userdata.get("MF_REGISTRY_PASSWORD")}
+    except Exception:  # a secret that is missing or not granted to this notebook: pull anonymously
+        return {}
+    return found if all(found.values()) else {}
 
 
 # ---------------------------------------------------------------- remote notebooks

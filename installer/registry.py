@@ -253,6 +253,7 @@ def _reason(exc: requests.RequestException) -> str:
     text = str(exc)
     for marker, reason in (("Name or service not known", "cannot resolve its host name"),
                            ("Temporary failure in name resolution", "cannot resolve its host name"),
+                           ("Unable to connect to proxy", "the proxy refused the connection"),
                            ("Connection refused", "connection refused"), ("timed out", "timed out")):
         if marker in text:
             return reason

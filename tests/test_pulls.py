@@ -257,3 +257,27 @@ def test_notebook_panel_shows_a_progress_bar_while_pulling() -> None:
     panel.handle(Event("images", "pulled 2", 16.0))
     assert panel.view.transfer.layout.display == "none"
     assert panel.steps()[0]["message"] == "pulled 2"
+
+
+def test_colab_secrets_become_credentials_only_when_nothing_else_gives_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colab's `userdata.get` raises for a secret that is missing or not granted; a runtime outside Colab has none."""
+    import types
+
+    secrets_store = {"MF_REGISTRY_USER": "team", "MF_REGISTRY_PASSWORD": "from-colab"}
+
+    def get(name: str) -> str:
+        if name not in secrets_store:
+            raise KeyError(name)  # Colab raises its SecretNotFoundError
+        return secrets_store[name]
+
+    assert nb.colab_registry_secrets({}, {}) == {}  # not on Colab
+    google, colab, userdata = (types.ModuleType(n) for n in ("google", "google.colab", "google.colab.userdata"))
+    google.__path__, colab.__path__ = [], []
+    google.colab, colab.userdata, userdata.get = colab, userdata, get
+    for module in (google, colab, userdata):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert nb.colab_registry_secrets({}, {}) == {"registry_user": "team", "registry_password": "from-colab"}
+    assert nb.colab_registry_secrets({}, {"MF_REGISTRY_USER": "x", "MF_REGISTRY_PASSWORD": "y"}) == {}
+    assert nb.colab_registry_secrets({"registry_auth_file": "/f"}, {}) == {}
+    del secrets_store["MF_REGISTRY_PASSWORD"]
+    assert nb.colab_registry_secrets({}, {}) == {}
