@@ -71,6 +71,12 @@ class Front(http.server.ThreadingHTTPServer):
         self.authorizations: list[str] = []  # every Authorization header seen, for the tests to search
         self.lock = threading.Lock()
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):  # a client that left
+            super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
