@@ -209,6 +209,10 @@ class Client:
         except requests.RequestException as exc:
             raise Refused(f"downloading layer {blob.digest} from {self.url} broke off ({_reason(exc)})",
                           kind="unreachable", hint="run `up` again: finished layers are kept") from exc
+        except OSError as exc:
+            raise ImageError(f"cannot write layer {blob.digest} under {target.parent}: {exc.strerror}",
+                             hint="free some space there, or point --udocker-dir (UDOCKER_DIR) to a larger "
+                                  "disk; finished layers are kept") from exc
         finally:
             partial.unlink(missing_ok=True)
 

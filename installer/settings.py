@@ -150,7 +150,7 @@ SAVED_FILE = "settings.json"
 _NOT_SAVED = {"root", "token", "wait_ui", "registry_user", "registry_password"}
 SAVED = "saved by `up`"
 # Where images come from: a saved value here is announced by every `up` that uses it.
-IMAGE_SOURCE = ("registry", "postgres_image", "service_image")
+IMAGE_SOURCE = ("registry", "mirrors", "postgres_image", "service_image")
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
