@@ -28,6 +28,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.oc
                   "application/vnd.docker.distribution.manifest.v2+json")
 _INDEX_TYPES = MANIFEST_TYPES[0], MANIFEST_TYPES[2]
 _CHUNK = 256 * 1024
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,10 @@ class Client:
         try:
             data = json.loads(body)
             blobs = tuple(Blob(item["digest"], int(item["size"])) for item in [*data["layers"], data["config"]])
-        except (ValueError, KeyError, TypeError):
+            # A digest becomes a file name in udocker's layer folder: nothing but a well-formed one.
+            if not all(_DIGEST.fullmatch(blob.digest) and blob.size >= 0 for blob in blobs):
+                raise ValueError("a malformed layer digest or size")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise Refused(f"{self.url} sent a manifest for {repo}:{reference} that is not a v2 image manifest",
                           kind="broken") from None
         return Manifest(top, body, media_type, blobs)
@@ -190,11 +194,13 @@ class Client:
 
     def fetch_blob(self, repo: str, blob: Blob, target: Path, on_bytes: Callable[[int], None]) -> None:
         """Download `blob` to `target` (through a partial file), checked against its digest."""
+        algorithm, _, expected = blob.digest.partition(":")
+        if algorithm not in ("sha256", "sha512"):
+            raise Refused(f"{self.url} names a layer by an unknown digest: {blob.digest[:80]!r}", kind="broken")
         partial = target.with_name(f".{target.name}.{os.getpid()}.part")
         answer = self._request("GET", f"/v2/{repo}/blobs/{blob.digest}", repo, stream=True)
         if answer.status_code != 200:
             raise _refusal(self.url, answer, f"layer {blob.digest} of {repo}")
-        algorithm, _, expected = blob.digest.partition(":")
         hasher = hashlib.new(algorithm)
         try:
             with answer, open(partial, "wb") as out:

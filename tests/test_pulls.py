@@ -281,3 +281,34 @@ def test_colab_secrets_become_credentials_only_when_nothing_else_gives_them(monk
     assert nb.colab_registry_secrets({"registry_auth_file": "/f"}, {}) == {}
     del secrets_store["MF_REGISTRY_PASSWORD"]
     assert nb.colab_registry_secrets({}, {}) == {}
+
+
+def test_a_manifest_naming_a_layer_by_a_path_is_refused(registry: str) -> None:
+    """A layer's digest becomes a file name in udocker's folder: a registry cannot name one outside it."""
+    import http.server
+    import json
+
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                       "config": {"digest": "sha256:../../../etc/evil", "size": 1}, "layers": []}).encode()
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.docker.distribution.manifest.v2+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ImageError) as caught:
+            pulls.locate(PG, PG_REPO, PG_TAG, [pulls.parse_source(url)], None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "that is not a v2 image manifest" in str(caught.value)
