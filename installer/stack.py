@@ -22,9 +22,10 @@ from pathlib import Path
 import psycopg
 import requests
 
-from . import humanize, objectstore, procs, pulls, runtime, schema, snapshot, state, tunnel
+from . import humanize, objectstore, procs, runtime, schema, snapshot, state, tunnel
 from .connection import read_connection_file, write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
+from .pulls import read_credentials, summary as pull_summary
 from .reconcile import reconcile_restored
 from .secrets import read_or_create_secret, write_secret
 from .services import (DB_NAME, GUEST_TAG, Health, Hooks, Progress, Secrets, Service, StopPolicy, define, dsn,
@@ -391,7 +392,7 @@ def _preflight(stack: _Stack) -> str:
 
 
 def _check_image_source(settings: Settings, missing: list[str]) -> None:
-    pulls.read_credentials(settings.registry_user, settings.registry_password, settings.registry_auth_file)
+    read_credentials(settings.registry_user, settings.registry_password, settings.registry_auth_file)
     if not settings.registry:
         runtime.check_sources(settings.mirrors)
         return
@@ -517,7 +518,7 @@ def _check_writable(folder: Path, setting: str) -> None:
 def _pull_images(stack: _Stack, progress: Progress) -> str:
     settings = stack.settings
     refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
-    credentials = pulls.read_credentials(settings.registry_user, settings.registry_password,
+    credentials = read_credentials(settings.registry_user, settings.registry_password,
                                          settings.registry_auth_file)
     found = stack.udocker.pull_all(refs, settings.registry, progress, mirrors=settings.mirrors,
                                    credentials=credentials)
@@ -526,7 +527,7 @@ def _pull_images(stack: _Stack, progress: Progress) -> str:
     for number, service in enumerate(todo, 1):
         stack.udocker.ensure_container(service.image, service.container,
                                        lambda line, n=number: progress(f"({n} of {len(todo)}) {line}"))
-    parts = [f"pulled {pulls.summary(found)}" if found else "nothing to pull"]
+    parts = [f"pulled {pull_summary(found)}" if found else "nothing to pull"]
     if todo:
         parts.append(f"created {len(todo)} container(s)")
     return ", ".join(parts)
