@@ -111,7 +111,7 @@ def locate(ref: str, path: str, tag: str, sources: Sequence[Source], credentials
         elif reference:
             check = f"same digest as {first.label} ({manifest.digest})"
         else:
-            check = (f"digest {manifest.digest} not compared: {first.label} did not answer, so the tag "
+            check = (f"digest {manifest.digest} not compared: {first.label} could not be asked, so the tag "
                      f"{tag} of {source.label} is trusted as is")
         return Located(ref, source, client, repo, tag, manifest, check, tuple(tried))
     raise _not_found(ref, tried, refusals, sources)
