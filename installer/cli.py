@@ -21,6 +21,8 @@ def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flag > environment variable > default)")
     for setting in SETTINGS:
+        if not setting.on_command_line:
+            continue
         flag = "--" + setting.name.replace("_", "-")
         if setting.switch:
             group.add_argument(flag, dest=setting.name, action="store_const", const=True, default=None,

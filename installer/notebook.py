@@ -27,9 +27,12 @@ from . import api, humanize
 from .clientconfig import FALLBACK_USER, ConnectResult, metaflow_user
 from .errors import StackError
 from .stack import Event, StackStatus
+from .transfer import Transfer
 
 LineSink = Callable[[str], None]
 
+# A pull's progress reaches the plain-text lines this often (the bar moves continuously).
+TRANSFER_LINE_EVERY = 10.0
 _STYLE = """
 <style>
 .mfstack { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; font-size: 13px;
@@ -200,6 +203,8 @@ class Panel:
         self.stopped: list[str] | None = None
         self.drive_flushed: str | None = None  # what the stop did about Google Drive, when on Colab
         self.progress_lines: list[str] = []
+        self.transfer: Transfer | None = None  # the running pull, for the progress bar
+        self._transfer_logged = -TRANSFER_LINE_EVERY
         self._steps: dict[str, _Step] = {}
         self._clock = clock
         self._on_line = on_line
@@ -320,7 +325,21 @@ class Panel:
     def handle(self, event: Event) -> None:
         """The `progress` callback: called from `up`'s worker threads too."""
         now = self._clock()
+        if isinstance(event.message, Transfer) and event.seconds is None:
+            with self._lock:
+                self.transfer = event.message
+                if event.step in self._steps:
+                    self._steps[event.step].message = event.message
+                log = event.message.finished or now - self._transfer_logged >= TRANSFER_LINE_EVERY
+                if log:
+                    self._transfer_logged = now
+            if log:
+                self._line(f"   {event.step:<11} {event.message}")
+            self._render()
+            return
         with self._lock:
+            if event.seconds is not None:
+                self.transfer = None
             step = self._steps.get(event.step)
             if step is None or (step.seconds is not None and event.seconds is None
                                 and event.message in ("starting", "stopping")):
@@ -474,7 +493,12 @@ class _PanelView:
         self.refresh_button.on_click(lambda _: self._run(panel.refresh))
         self.stop_button.on_click(lambda _: self._run(panel.stop))
         self.buttons = w.HBox([self.refresh_button, self.stop_button])
-        self.box = w.VBox([self.header, self.banner, self.steps, self.problem, self.result, self.buttons])
+        self.bar = w.FloatProgress(min=0.0, max=1.0, value=0.0, bar_style="info", description="pulling",
+                                   layout=w.Layout(width="45%"))
+        self.bar_label = w.Label()
+        self.transfer = w.HBox([self.bar, self.bar_label])
+        self.box = w.VBox([self.header, self.banner, self.steps, self.transfer, self.problem, self.result,
+                           self.buttons])
         self._lock = threading.Lock()
         self.render()
 
@@ -494,6 +518,13 @@ class _PanelView:
             self.steps.value = self._steps()
             self.problem.value = self._problem()
             self.result.value = self._result()
+            transfer = panel.transfer
+            self.transfer.layout.display = "flex" if transfer is not None else "none"
+            if transfer is not None:
+                self.bar.value = transfer.fraction
+                self.bar.bar_style = "success" if transfer.finished else "info"
+                self.bar.description = transfer.what
+                self.bar_label.value = str(transfer).removeprefix(transfer.what + " ")
             # After a failure something may still run (a service left for inspection): offer the stop too.
             shown = panel.state in ("running", "unhealthy", "failed", "stopped")
             self.buttons.layout.display = "flex" if shown else "none"
@@ -611,13 +642,33 @@ def start_stack(*, widgets: bool | None = None, raise_on_error: bool = True, on_
     A failure stays on the panel (message, hint, end of the failing log) and is raised
     again, so that a notebook run stops there; pass raise_on_error=False to keep going.
     """
-    panel = Panel(flags, widgets=widgets, on_line=on_line)
+    panel = Panel({**colab_registry_secrets(flags), **flags}, widgets=widgets, on_line=on_line)
     if panel.view is not None:
         _display(panel.view.box)
     panel.start()
     if panel.error is not None and raise_on_error:
         raise _shown(panel.error)
     return panel
+
+
+def colab_registry_secrets(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Registry credentials from Colab's secrets (MF_REGISTRY_USER, MF_REGISTRY_PASSWORD), as `up` flags.
+
+    Only on Colab, only when neither flags nor the environment give any, and only secrets this
+    notebook was granted; passed in memory, never written anywhere.
+    """
+    names = ("registry_user", "registry_password", "registry_auth_file")
+    if not in_colab() or any(flags.get(n) for n in names) or any(
+            environ.get(v) for v in ("MF_REGISTRY_USER", "MF_REGISTRY_PASSWORD", "MF_REGISTRY_AUTH_FILE")):
+        return {}
+    try:
+        from google.colab import userdata
+
+        found = {"registry_user": userdata.get("MF_REGISTRY_USER"),
+                 "registry_password": userdata.get("MF_REGISTRY_PASSWORD")}
+    except Exception:  # a secret that is missing or not granted to this notebook: pull anonymously
+        return {}
+    return found if all(found.values()) else {}
 
 
 # ---------------------------------------------------------------- remote notebooks

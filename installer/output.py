@@ -7,27 +7,67 @@ on a terminal) or into JSON for a program.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import humanize
 from .errors import StackError
 from .stack import Event, StackStatus
+from .transfer import Transfer
+
+
+# Without a terminal, a transfer's progress is one plain line this often (and its end).
+PLAIN_TRANSFER_EVERY = 5.0
 
 
 class Printer:
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stdout
         self.colour = self.stream.isatty()
+        self.clock = clock
+        self._redrawn = False  # a progress line is on screen without its newline
+        self._last_plain = -PLAIN_TRANSFER_EVERY
 
     def _paint(self, text: str, code: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.colour else text
 
     def line(self, text: str = "") -> None:
+        if self._redrawn:
+            self._redrawn = False
+            print(file=self.stream)
         print(text, file=self.stream, flush=True)
+
+    def _end_redrawn(self) -> None:
+        if self._redrawn:
+            self._redrawn = False
+            print(file=self.stream, flush=True)
+
+    def transfer(self, name: str, transfer: Transfer) -> None:
+        """One line redrawn in place on a terminal; a plain line every few seconds otherwise."""
+        if self.colour:
+            width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
+            filled = int(20 * transfer.fraction)
+            bar = "#" * filled + "-" * (20 - filled)
+            text = f"  {name} [{bar}] {transfer}"[:width]
+            self.stream.write(f"\r{text}\033[K")
+            self.stream.flush()
+            self._redrawn = True
+            if transfer.finished:
+                self._end_redrawn()
+            return
+        now = self.clock()
+        if transfer.finished or now - self._last_plain >= PLAIN_TRANSFER_EVERY:
+            self._last_plain = now
+            self.line(f"  {name} {transfer}")
 
     def event(self, event: Event) -> None:
         name = f"{event.step:<11}"
+        if isinstance(event.message, Transfer) and event.seconds is None:
+            self.transfer(name, event.message)
+            return
         if event.seconds is None:
             if event.message != "starting":
                 self.line(f"  {name} {self._paint(event.message, '2')}")
@@ -77,9 +117,11 @@ class Printer:
         self.line(json.dumps(data, indent=2, default=str))
 
     def warning(self, text: str) -> None:
+        self._end_redrawn()
         print(self._paint("WARNING: ", "1;33") + text, file=sys.stderr, flush=True)
 
     def error(self, error: StackError) -> None:
+        self._end_redrawn()
         print(self._paint("error: ", "31") + str(error), file=sys.stderr, flush=True)
 
 

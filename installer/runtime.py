@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,10 @@ import requests
 
 from . import procs
 from .errors import ImageError, RuntimeUnavailable, StackError
+from .pulls import (DEFAULT_MIRRORS, PARALLEL_LAYERS, Located, Source, fetch_layers, front_url, locate,
+                    loopback_registry, parse_source)
+from .registry import Credentials
+from .transfer import Meter
 
 Progress = Callable[[str], None]
 
@@ -78,39 +85,53 @@ class Udocker:
         out = self.run("images", what="udocker images", check=False)
         return any(line.split()[0] == wanted for line in out.splitlines()[1:] if line.split())
 
-    def pull(self, ref: str, registry: str | None, progress: Progress) -> bool:
-        """Pull `ref` unless present; True if it was pulled now.
+    def pull(self, ref: str, registry: str | None, progress: Progress, *, mirrors: Sequence[str] = DEFAULT_MIRRORS,
+             credentials: Credentials | None = None) -> bool:
+        """Pull `ref` unless present; True if it was pulled now."""
+        return bool(self.pull_all([ref], registry, progress, mirrors=mirrors, credentials=credentials))
 
-        `registry` (the --registry setting) is a mirror: it serves the reference's path whatever
-        registry the reference itself names.
+    def pull_all(self, refs: Sequence[str], registry: str | None, progress: Progress, *,
+                 mirrors: Sequence[str] = DEFAULT_MIRRORS, credentials: Credentials | None = None,
+                 parallel: int = PARALLEL_LAYERS) -> list[Located]:
+        """Pull every image of `refs` not present yet; where each one came from.
+
+        `registry` (the --registry setting) serves every reference's path, whatever registry the
+        reference names; without it, Docker Hub references are asked of `mirrors` in order.
         """
-        if self.has_image(ref):
-            return False
-        spec = image_spec(ref)
-        registry = registry or spec.registry
-        if registry:
-            check_registry(registry)
-        args = ["pull"] + ([f"--registry={registry}"] if registry else []) + [spec.local_name]
-        source = registry or "Docker Hub"
-        errors: list[str] = []
+        missing = [ref for ref in dict.fromkeys(refs) if not self.has_image(ref)]
+        found = []
+        for ref in missing:
+            path, tag, sources = image_sources(ref, registry, mirrors)
+            progress(f"looking for {ref} in {', '.join(s.label for s in sources)}")
+            found.append(locate(ref, path, tag, sources, credentials))
+            progress(f"found {found[-1].describe()}")
+        if not found:
+            return []
+        fetch_layers(found, self.home / "layers", progress, parallel)
+        # udocker takes each image from a loopback registry that serves what was just fetched.
+        with loopback_registry(self.home / "layers") as front:
+            for item in found:
+                front.current = item.manifest
+                errors: list[str] = []
 
-        def on_line(line: str) -> None:
-            # udocker's errors are shown once, in the failure; its progress lines as they come.
-            if line.lstrip().startswith("Error:"):
-                errors.append(line)
-            else:
-                progress(line.strip().removeprefix("Info: "))
+                def on_line(line: str) -> None:
+                    if line.lstrip().startswith("Error:"):
+                        errors.append(line)
 
-        try:
-            procs.stream(self.command(*args), on_line, env=self.env, timeout=3600,
-                         what=f"pulling {ref} from {source}")
-        except StackError as exc:
-            raise ImageError(f"could not pull {ref} from {source}", log_tail=clean_pull_errors(errors) or None,
-                             hint=_pull_hint(ref, registry)) from exc
-        if not self.has_image(ref):
-            raise ImageError(f"image {ref} is not in {source}", log_tail=clean_pull_errors(errors) or None,
-                             hint=_pull_hint(ref, registry))
-        return True
+                spec = image_spec(item.ref)
+                try:
+                    procs.stream(self.command("pull", f"--registry={front_url(front)}", spec.local_name), on_line,
+                                 env={**self.env, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"},
+                                 timeout=1800, what=f"storing {item.ref} in udocker")
+                except StackError as exc:
+                    raise ImageError(f"could not store {item.ref} in udocker after downloading it",
+                                     log_tail=clean_pull_errors(errors) or None,
+                                     hint="check free disk space under UDOCKER_DIR, then run `up` again") from exc
+                if not self.has_image(item.ref):
+                    raise ImageError(f"udocker did not keep {item.ref} after downloading it",
+                                     log_tail=clean_pull_errors(errors) or None,
+                                     hint="check free disk space under UDOCKER_DIR, then run `up` again")
+        return found
 
     # --- containers ---------------------------------------------------------
 
@@ -133,11 +154,32 @@ class Udocker:
             self.run("rm", "-f", name, what=f"removing the incomplete container {name}", check=False)
             shutil.rmtree(self.container_dir(name), ignore_errors=True)
         progress(f"creating container {name} from {ref}")
-        self.run("create", f"--name={name}", image_spec(ref).local_name, what=f"creating container {name}",
-                 hint="check free disk space under UDOCKER_DIR")
+        with _unpacking(self.home, self._unpacked_size(ref), progress):
+            self.run("create", f"--name={name}", image_spec(ref).local_name, what=f"creating container {name}",
+                     hint="check free disk space under UDOCKER_DIR")
         self.run("setup", f"--execmode={EXECUTION_MODE}", name, what=f"configuring container {name}")
         (self.container_dir(name) / _READY_MARK).write_text(ref + "\n")
         return True
+
+    def _unpacked_size(self, ref: str) -> int:
+        """The image's unpacked size, from each gzip layer's trailer (0 when a layer says nothing)."""
+        name, _, tag = image_spec(ref).local_name.rpartition(":")
+        folder = self.home / "repos" / name / tag
+        try:
+            layers = [folder / item["digest"] for item in json.loads((folder / "manifest").read_text())["layers"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        total = 0
+        for layer in layers:
+            try:
+                with open(layer, "rb") as handle:
+                    if handle.read(2) != b"\x1f\x8b":
+                        return 0
+                    handle.seek(-4, os.SEEK_END)
+                    total += int.from_bytes(handle.read(4), "little")  # ISIZE: the size modulo 4 GiB
+            except OSError:
+                return 0
+        return total
 
     def run_argv(self, container: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  volumes: Sequence[tuple[Path, str]] = (), workdir: str | None = None,
@@ -160,6 +202,44 @@ class Udocker:
             return self.command(*args, container, *argv)
         # udocker's own command line, in a process that becomes proot rather than waiting for it.
         return [sys.executable, "-m", "installer.udocker_exec", "--allow-root", *args, container, *argv]
+
+
+@contextmanager
+def _unpacking(home: Path, total: int, progress: Progress, every: float = 1.0) -> Iterator[None]:
+    """Progress of `udocker create`: bytes appearing in the new container's folder against `total`."""
+    before = set(os.listdir(home / "containers")) if (home / "containers").is_dir() else set()
+    done = threading.Event()
+    meter = Meter("unpacking", total, progress, every=0.0)
+
+    def watch() -> None:
+        while not done.wait(every):
+            fresh = [home / "containers" / n for n in os.listdir(home / "containers") if n not in before] \
+                if (home / "containers").is_dir() else []
+            size = sum(_tree_size(path) for path in fresh if not path.is_symlink())
+            meter.add(max(0, min(size, total) - meter.done))
+
+    watcher = threading.Thread(target=watch, name="mfstack-unpacking", daemon=True)
+    if total:
+        watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if total:
+            watcher.join(timeout=5)
+    if total:
+        meter.finish()
+
+
+def _tree_size(folder: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def container_name(service: str, ref: str) -> str:
@@ -289,6 +369,43 @@ def image_spec(ref: str) -> ImageSpec:
     if registry is None and len(parts) == 2 and parts[0] == "library":
         parts.pop(0)
     return ImageSpec(f"{'/'.join(parts)}:{tag}", registry)
+
+
+def image_sources(ref: str, registry: str | None, mirrors: Sequence[str]) -> tuple[str, str, list[Source]]:
+    """(repository path, tag, registries to ask in order) for `ref`.
+
+    --registry serves every reference alone; a reference that names its registry is pulled
+    from there; a Docker Hub reference is asked of the mirrors list, Docker Hub's own names
+    with `library/` for one-part names as registries store them.
+    """
+    spec = image_spec(ref)
+    name, tag = spec.local_name.rsplit(":", 1)
+    path = name if "/" in name else f"library/{name}"
+    if registry:
+        return path, tag, [Source(registry, registry)]
+    if spec.registry:
+        return path, tag, [Source(spec.registry.split("://", 1)[1], spec.registry)]
+    try:
+        sources = [parse_source(entry) for entry in mirrors]
+    except ValueError as exc:
+        raise ImageError(str(exc), hint="check --mirrors (MF_MIRRORS)") from None
+    if not sources:
+        raise ImageError(f"no registry to pull {ref} from", hint="set --mirrors (MF_MIRRORS), e.g. docker.io")
+    return path, tag, sources
+
+
+def check_sources(mirrors: Sequence[str], timeout: float = 5.0) -> None:
+    """Fail early, and clearly, when none of the registries can be reached (no internet, a firewall)."""
+    sources = [parse_source(entry) for entry in mirrors]
+    reasons: list[str] = []
+    for source in sources:
+        try:
+            requests.get(f"{source.url}/v2/", timeout=timeout)
+            return
+        except requests.RequestException as exc:
+            label = f"Docker Hub ({source.url})" if source.url == DOCKER_HUB_REGISTRY else source.label
+            reasons.append(f"{label} cannot be reached ({_reason(exc)})")
+    raise ImageError("; ".join(reasons), hint=_OFFLINE_HINT)
 
 
 DOCKER_HUB_REGISTRY = "https://registry-1.docker.io"

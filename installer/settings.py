@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .procs import open_private
+from .pulls import DEFAULT_MIRRORS, parse_source
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -28,6 +29,7 @@ class Setting:
     help: str
     default: Callable[[dict[str, Any]], Any]
     parse: Callable[[str], Any] = str
+    on_command_line: bool = True  # False for secrets: a command line is visible to every user in `ps`
 
     @property
     def switch(self) -> bool:
@@ -68,6 +70,18 @@ def _flag(value: str) -> bool:
     raise ConfigError(f"not a yes/no value: {value!r}")
 
 
+def _mirrors(value: str) -> tuple[str, ...]:
+    entries = tuple(entry.strip() for entry in value.split(",") if entry.strip())
+    for entry in entries:
+        try:
+            parse_source(entry)
+        except ValueError as exc:
+            raise ConfigError(str(exc), hint="a comma-separated list like docker.io,mirror.gcr.io") from None
+    if not entries:
+        raise ConfigError("the mirrors list is empty", hint="name at least one registry, e.g. docker.io")
+    return entries
+
+
 def production_images() -> dict[str, str]:
     """The pinned image references, from images/production.json (shipped inside the wheel too)."""
     for candidate in (PACKAGE_DIR / "production_images.json", PACKAGE_DIR.parent / "images" / "production.json"):
@@ -92,6 +106,15 @@ SETTINGS: tuple[Setting, ...] = (
             lambda s: production_images()["service"]),
     Setting("registry", "MF_REGISTRY", "pull images from this registry instead of Docker Hub (e.g. http://127.0.0.1:5000)",
             lambda s: None),
+    Setting("mirrors", "MF_MIRRORS", "registries asked in order for Docker Hub images, each for the exact tag; "
+            "the first one's digest is the reference (host[:port][/namespace], comma-separated)",
+            lambda s: _mirrors(",".join(DEFAULT_MIRRORS)), _mirrors),
+    Setting("registry_user", "MF_REGISTRY_USER", "user name for the first registry (Docker Hub, or --registry)",
+            lambda s: None),
+    Setting("registry_password", "MF_REGISTRY_PASSWORD", "password or access token for that user "
+            "(environment only, never a flag)", lambda s: None, on_command_line=False),
+    Setting("registry_auth_file", "MF_REGISTRY_AUTH_FILE", "a file holding `user:password` for the first "
+            "registry (keep it 0600)", lambda s: None, _path),
     Setting("udocker_dir", "UDOCKER_DIR", "udocker's folder: images and containers (several GB; local disk)",
             lambda s: _path("~/.udocker"), _path),
     Setting("metadata_port", "MF_METADATA_PORT", "metadata service port (loopback only)",
@@ -126,10 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
 )
 SAVED_FILE = "settings.json"
 # Settings `up` remembers under MF_ROOT, so that later commands talk to the same stack.
-_NOT_SAVED = {"root", "token", "wait_ui"}
+_NOT_SAVED = {"root", "token", "wait_ui", "registry_user", "registry_password"}
 SAVED = "saved by `up`"
 # Where images come from: a saved value here is announced by every `up` that uses it.
-IMAGE_SOURCE = ("registry", "postgres_image", "service_image")
+IMAGE_SOURCE = ("registry", "mirrors", "postgres_image", "service_image")
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -143,6 +166,10 @@ class Settings:
     postgres_image: str
     service_image: str
     registry: str | None
+    mirrors: tuple[str, ...]
+    registry_user: str | None
+    registry_password: str | None
+    registry_auth_file: Path | None
     udocker_dir: Path
     metadata_port: int
     ui_port: int
@@ -205,6 +232,10 @@ class Settings:
                 continue
             value = getattr(self, item.name)
             source = self.sources.get(item.name, "")
+            if item.name == "registry_password" and value:
+                value = "***"
+            if item.name == "mirrors":
+                value = ",".join(value)
             if item.name == "token":
                 if value:
                     value = "***"
@@ -281,7 +312,11 @@ def saved_settings_file(settings: Settings) -> Path:
 
 def saved_in_use(settings: Settings) -> dict[str, str]:
     """The saved values this resolution took (the flag or variable was not given), by name."""
-    return {name: str(getattr(settings, name)) for name, source in settings.sources.items() if source == SAVED}
+    return {name: _text(getattr(settings, name)) for name, source in settings.sources.items() if source == SAVED}
+
+
+def _text(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def clear_saved(settings: Settings) -> dict[str, str]:
@@ -294,7 +329,7 @@ def clear_saved(settings: Settings) -> dict[str, str]:
 
 def save(settings: Settings) -> None:
     """Remember the settings that did not come from defaults, for later commands on this stack."""
-    chosen = {name: str(getattr(settings, name)) for name, source in settings.sources.items()
+    chosen = {name: _text(getattr(settings, name)) for name, source in settings.sources.items()
               if source != "default" and name not in _NOT_SAVED and getattr(settings, name) is not None}
     target = saved_settings_file(settings)
     target.parent.mkdir(parents=True, exist_ok=True)

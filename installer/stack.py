@@ -22,6 +22,7 @@ import psycopg
 from . import humanize, logfiles, procs, runtime, schema, snapshot, state, tunnel
 from .connection import write_connection_file
 from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
+from .pulls import read_credentials, summary as pull_summary
 from .reconcile import reconcile_restored
 from .secrets import read_or_create_secret, write_secret
 from .services import (DB_NAME, Hooks, Progress, Secrets, Service, define, dsn,
@@ -320,14 +321,15 @@ def _preflight(stack: _Stack) -> str:
         raise only
     if problems:
         raise ChecksFailed(problems)
-    images = (f"{len(missing)} image(s) to pull from {settings.registry or 'Docker Hub'}" if missing
+    images = (f"{len(missing)} image(s) to pull from {settings.registry or ', '.join(settings.mirrors)}" if missing
               else "images present")
     return f"ports free, folders writable, enough disk space, {images}"
 
 
 def _check_image_source(settings: Settings, missing: list[str]) -> None:
+    read_credentials(settings.registry_user, settings.registry_password, settings.registry_auth_file)
     if not settings.registry:
-        runtime.check_docker_hub()
+        runtime.check_sources(settings.mirrors)
         return
     runtime.check_registry(settings.registry)
     problems: list[StackError] = []
@@ -449,16 +451,20 @@ def _check_writable(folder: Path, setting: str) -> None:
 
 
 def _pull_images(stack: _Stack, progress: Progress) -> str:
+    settings = stack.settings
     refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
-    missing = [ref for ref in refs if not stack.udocker.has_image(ref)]
-    pulled = [ref for ref in missing if stack.udocker.pull(ref, stack.settings.registry, progress)]
-    created = 0
-    for service in stack.services:
-        if service.container and service.image:
-            created += stack.udocker.ensure_container(service.image, service.container, progress)
-    parts = [f"pulled {len(pulled)}" if pulled else "nothing to pull"]
-    if created:
-        parts.append(f"created {created} container(s)")
+    credentials = read_credentials(settings.registry_user, settings.registry_password,
+                                         settings.registry_auth_file)
+    found = stack.udocker.pull_all(refs, settings.registry, progress, mirrors=settings.mirrors,
+                                   credentials=credentials)
+    todo = list({s.container: s for s in stack.services
+                 if s.container and s.image and not stack.udocker.has_container(s.container)}.values())
+    for number, service in enumerate(todo, 1):
+        stack.udocker.ensure_container(service.image, service.container,
+                                       lambda line, n=number: progress(f"({n} of {len(todo)}) {line}"))
+    parts = [f"pulled {pull_summary(found)}" if found else "nothing to pull"]
+    if todo:
+        parts.append(f"created {len(todo)} container(s)")
     return ", ".join(parts)
 
 

@@ -124,7 +124,11 @@ class DevTools:
         return result.get("result", {}).get("value")
 
 
-async def screenshot(page: Path, out: Path, profile: Path) -> None:
+PANEL_RENDERED = ("document.querySelectorAll('.widget-html-content').length > 3 && "
+                  "document.body.innerText.includes('Stop the stack')")
+
+
+async def screenshot(page: Path, out: Path, profile: Path, rendered: str = PANEL_RENDERED) -> None:
     pid = procs.spawn([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
                        "--allow-file-access-from-files", "--hide-scrollbars", f"--user-data-dir={profile}",
@@ -146,8 +150,6 @@ async def screenshot(page: Path, out: Path, profile: Path) -> None:
                 await tools.call("Emulation.setDeviceMetricsOverride", width=1000, height=900,
                                  deviceScaleFactor=2, mobile=False)
                 await tools.call("Page.navigate", url=page.as_uri())
-                rendered = "document.querySelectorAll('.widget-html-content').length > 3 && " \
-                           "document.body.innerText.includes('Stop the stack')"
                 deadline = time.monotonic() + 30
                 while not await tools.evaluate(rendered):
                     if time.monotonic() > deadline:
