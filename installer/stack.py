@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,24 +20,19 @@ import psycopg
 
 from . import humanize, logfiles, procs, runtime, schema, snapshot, state, tunnel
 from .connection import write_connection_file
-from .errors import ChecksFailed, ConfigError, PortInUse, ServiceFailed, SnapshotError, StackBusy, StackError
+from .errors import ConfigError, ServiceFailed, StackBusy, StackError
+from .health import healthy, within_start_up
+from .preflight import check_port, check_root, check_snapshot_dir, flag_of, port_hint, run_checks
 from .pulls import read_credentials, summary as pull_summary
 from .reconcile import reconcile_restored
 from .secrets import read_or_create_secret, write_secret
 from .services import (DB_NAME, Hooks, Progress, Secrets, Service, define, dsn,
                        migrations_dir, snapshot_status_file, waves)
-from .settings import IMAGE_SOURCE, SETTINGS, Settings, clear_saved, saved_in_use, saved_settings_file
+from .settings import IMAGE_SOURCE, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
-from .health import healthy, within_start_up
 from .stackstatus import StackStatus, collect
 from .startwatch import StartWatch, Wave, log_size, start_wave
 from .stopping import leftovers, stop
-
-# Free space wanted before pulling: the three unpacked images measured 2.6 GB.
-PULL_SPACE_BYTES = 3 * 1024**3
-# Free space wanted for PostgreSQL: a new cluster is about 40 MB, and it keeps up to
-# wal_keep_size (256 MB) of write-ahead log.
-PGDATA_SPACE_BYTES = 300 * 1000**2
 
 
 @dataclass(frozen=True)
@@ -161,7 +155,7 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
     what this call started is stopped again (what ran before it is left alone), and only an
     `up` that succeeded saves its settings.
     """
-    _check_root(settings)
+    check_root(settings)
     with _lock(settings, "up"):
         steps: list[dict] = []
 
@@ -192,10 +186,10 @@ def up(settings: Settings, report: Reporter = lambda _: None) -> StackStatus:
             return status
         started: list[Service] = []
         try:
-            step("checks", lambda p: _preflight(stack))
+            step("checks", lambda p: run_checks(stack.settings, stack.services, stack.udocker))
             step("images", lambda p: _pull_images(stack, p))
             if not settings.no_snapshots:
-                step("snapshot-dir", lambda p: _check_snapshot_dir(settings))
+                step("snapshot-dir", lambda p: check_snapshot_dir(settings))
                 if _is_empty(settings.pgdata_dir):
                     step("restore", lambda p: _restore_if_any(settings, holder, p))
             for group in waves(stack.services):
@@ -288,80 +282,8 @@ def _undo(stack: _Stack, started: list[Service], holder: dict, report: Reporter)
     return "; ".join(parts) + "."
 
 
-def _preflight(stack: _Stack) -> str:
-    """Everything `up` can check before it starts anything; every problem is reported at once."""
-    settings = stack.settings
-    problems: list[StackError] = []
-
-    def check(action: Callable[[], object]) -> None:
-        try:
-            action()
-        except ChecksFailed as exc:
-            problems.extend(exc.problems)
-        except StackError as exc:
-            problems.append(exc)
-
-    not_running = [s for s in stack.services if state.live_pid(settings, s.name) is None]
-    for service in not_running:
-        check(lambda s=service: _check_port(settings, s))
-    for folder, name in ((settings.pgdata_dir, "pgdata_dir"), (settings.cache_dir, "cache_dir")):
-        check(lambda f=folder, n=name: _check_writable(f, n))
-    if not settings.no_snapshots:
-        check(lambda: _check_snapshot_dir(settings))
-    refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
-    missing = [ref for ref in refs if not stack.udocker.has_image(ref)]
-    if missing:
-        check(lambda: _check_space(settings.udocker_dir, PULL_SPACE_BYTES, "pulling images", "udocker_dir"))
-        check(lambda: _check_image_source(settings, missing))
-    if any(s.name == "postgres" for s in not_running):
-        check(lambda: _check_space(settings.pgdata_dir, PGDATA_SPACE_BYTES, "the database", "pgdata_dir"))
-    if len(problems) == 1:
-        only = problems[0]
-        only.hint = f"{only.hint}; nothing was started" if only.hint else "nothing was started"
-        raise only
-    if problems:
-        raise ChecksFailed(problems)
-    images = (f"{len(missing)} image(s) to pull from {settings.registry or ', '.join(settings.mirrors)}" if missing
-              else "images present")
-    return f"ports free, folders writable, enough disk space, {images}"
-
-
-def _check_image_source(settings: Settings, missing: list[str]) -> None:
-    read_credentials(settings.registry_user, settings.registry_password, settings.registry_auth_file)
-    if not settings.registry:
-        runtime.check_sources(settings.mirrors)
-        return
-    runtime.check_registry(settings.registry)
-    problems: list[StackError] = []
-    for ref in missing:
-        try:
-            runtime.check_image_in_registry(settings.registry, ref)
-        except StackError as exc:
-            problems.append(exc)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise ChecksFailed(problems)
-
-
-def _flag_of(name: str) -> str:
-    setting = next(s for s in SETTINGS if s.name == name)
-    return f"--{name.replace('_', '-')} ({setting.env})"
-
-
 def _is_empty(folder: Path) -> bool:
     return not folder.exists() or not any(folder.iterdir())
-
-
-def _check_snapshot_dir(settings: Settings) -> str:
-    try:
-        snapshot.check_destination(settings.snapshot_dir, create=True)
-    except SnapshotError as exc:
-        raise SnapshotError(exc.message, hint=(exc.hint + "; " if exc.hint else "") +
-                            "or run with --no-snapshots for local-only mode (the database then dies "
-                            "with this machine)") from exc
-    count = sum(1 for g in snapshot.list_generations(settings.snapshot_dir) if g.ok)
-    return f"publishing to {settings.snapshot_dir} ({count} good generation(s) there)"
 
 
 def _restore_if_any(settings: Settings, holder: dict, progress: Progress) -> str:
@@ -430,31 +352,11 @@ def _prepare_runtime(settings: Settings, holder: dict, progress: Progress) -> st
     return f"udocker ready ({engine})"
 
 
-def _check_root(settings: Settings) -> None:
-    _check_writable(settings.root, "root")
-    for sub in (settings.logs_dir, settings.state_dir, settings.secrets_dir, settings.datastore_dir):
-        sub.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):  # Google Drive's FUSE folder keeps no modes
-        settings.secrets_dir.chmod(0o700)
-
-
-def _check_writable(folder: Path, setting: str) -> None:
-    """`folder` exists (created if need be) and takes a file."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{folder} is not writable: {exc.strerror}",
-                          hint=f"choose another folder with {_flag_of(setting)}") from exc
-
-
 def _pull_images(stack: _Stack, progress: Progress) -> str:
     settings = stack.settings
     refs = list(dict.fromkeys(s.image for s in stack.services if s.image))
     credentials = read_credentials(settings.registry_user, settings.registry_password,
-                                         settings.registry_auth_file)
+                                   settings.registry_auth_file)
     found = stack.udocker.pull_all(refs, settings.registry, progress, mirrors=settings.mirrors,
                                    credentials=credentials)
     todo = list({s.container: s for s in stack.services
@@ -466,15 +368,6 @@ def _pull_images(stack: _Stack, progress: Progress) -> str:
     if todo:
         parts.append(f"created {len(todo)} container(s)")
     return ", ".join(parts)
-
-
-def _check_space(folder: Path, needed: int, doing: str, setting: str) -> None:
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise StackError(f"not enough free disk space for {doing}: {humanize.size(free)} free under {folder}, "
-                         f"about {humanize.size(needed)} needed",
-                         hint=f"free some space, or point {_flag_of(setting)} to a larger disk")
 
 
 def _start(stack: _Stack, service: Service, progress: Progress, started: list[Service] | None = None,
@@ -497,7 +390,7 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         elif leftovers(service):
             progress("stopping what is left of its previous start")
             stop(service, None, stack.settings.pgdata_dir)
-        _check_port(settings, service)
+        check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
         offset = log_size(log_path)
@@ -505,7 +398,7 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         state.record(settings, service.name, pid)
         if started is not None:
             started.append(service)
-        watch = StartWatch(service, pid, log_path, offset, lambda: _port_hint(settings, service))
+        watch = StartWatch(service, pid, log_path, offset, lambda: port_hint(settings, service))
         if not service.awaited:
             _watch_beside(watch, wave)
             return f"starting on port {service.port} (pid {pid}); `status` says when it is ready"
@@ -530,30 +423,6 @@ def _prepare_files(service: Service) -> None:
         tmp.replace(path)
 
 
-_PORT_SETTINGS = ("port", "metadata_port", "ui_port", "db_port")
-
-
-def _check_port(settings: Settings, service: Service) -> None:
-    if not service.port:
-        return
-    holder = procs.listener_of(service.port)
-    if holder is None:
-        return
-    pid, command = holder
-    who = f"pid {pid} ({command[:120]})" if pid else command
-    raise PortInUse(f"port {service.port}, needed by the {service.title}, is already taken by {who}",
-                    hint=_port_hint(settings, service))
-
-
-def _port_hint(settings: Settings, service: Service) -> str:
-    name = next(n for n in _PORT_SETTINGS if getattr(settings, n) == service.port)
-    hint = (f"stop that process, or give the {service.title} another port: {_flag_of(name)}, "
-            f"e.g. {_flag_of(name).split()[0]} {procs.free_port()}")
-    if name == "port":
-        hint += " (the connection string changes with it: run `connect` again where it was used)"
-    return hint
-
-
 def _wait_healthy(settings: Settings, watch: StartWatch, wave: Wave | None = None) -> None:
     """Until healthy; a death, a port taken by another process, or a failure in `wave` ends it at once."""
     service, log_path = watch.service, watch.log_path
@@ -572,7 +441,7 @@ def _wait_healthy(settings: Settings, watch: StartWatch, wave: Wave | None = Non
     raise ServiceFailed(f"the {service.title} did not become healthy within {settings.start_timeout:.0f} s",
                         log=log_path, log_tail=procs.tail(log_path),
                         hint=f"read {log_path} (`python -m installer logs {service.name}`); on a slow "
-                             f"machine a longer {_flag_of('start_timeout')} may help")
+                             f"machine a longer {flag_of('start_timeout')} may help")
 
 
 def _watch_beside(watch: StartWatch, wave: Wave | None) -> None:
@@ -595,7 +464,7 @@ def _await_ui(stack: _Stack) -> None:
         if service.name == "ui-backend" and pid is not None:
             log_path = stack.settings.log_path(service.name)
             _wait_healthy(stack.settings, StartWatch(service, pid, log_path, log_size(log_path),
-                                                     lambda s=service: _port_hint(stack.settings, s)))
+                                                     lambda s=service: port_hint(stack.settings, s)))
 
 
 def _all_running(settings: Settings, stack: _Stack) -> bool:
@@ -668,7 +537,7 @@ def take_snapshot(settings: Settings) -> snapshot.Generation:
     if state.live_pid(settings, "postgres") is None:
         raise StackError("PostgreSQL is not running; a snapshot needs it",
                          hint="run `up` first (`down` already took a final snapshot)")
-    _check_snapshot_dir(settings)
+    check_snapshot_dir(settings)
     secrets = _secrets(settings)
     generation = snapshot.take_snapshot(dsn(settings, secrets.db_password, dbname="postgres"),
                                         settings.pgdata_dir, settings.snapshot_dir, settings.snapshot_keep)
