@@ -37,7 +37,8 @@ from installer import procs
 from installer.errors import ServiceFailed, StackError
 from installer.settings import resolve
 from installer.snapshot import list_generations
-from installer.stack import Event, ServiceStatus, StackStatus, dsn
+from installer.stack import Event, dsn
+from installer.stackstatus import ServiceStatus, StackStatus
 
 from .conftest import REPO, SHARED_UDOCKER_DIR, free_port, stack_flags
 from .drivefs import DriveMount

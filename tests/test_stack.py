@@ -39,7 +39,10 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         status = installer.up(progress=events.append, **flags)
         assert status.running, status
         steps = {step["step"]: step for step in status.steps}
-        assert steps["images"]["detail"].startswith("pulled 2"), steps["images"]
+        detail = steps["images"]["detail"]
+        assert detail.startswith("pulled "), detail
+        assert "postgres:" in detail and "metaflow_metadata_service:" in detail, detail
+        assert detail.endswith("created 2 container(s)"), detail
         assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "objectstore",
                                                     "proxy", "snapshots", "monitor"]
         assert status.schema_version is not None and status.schema_version > 0
