@@ -168,7 +168,8 @@ class FailureThrottle:
     def fail(self, client: str) -> None:
         """Count one failed credential, against the client and against the global budget."""
         now = self._clock()
-        self._scores[client] = (self._score(client, now) + 1.0, now)
+        # Capped where the delay reached its cap long ago: the score decays back within a minute or so.
+        self._scores[client] = (min(self._score(client, now) + 1.0, self.allowance + 32.0), now)
         self._scores.move_to_end(client)
         while len(self._scores) > self.max_clients:
             self._scores.popitem(last=False)

@@ -175,7 +175,9 @@ class _EdgeProtocol(web_protocol.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if status >= 500:
-            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            # A failure of the proxy's own (a bug) keeps its traceback, at the rate of refusal lines.
+            if refusals.allow():
+                log.error("%s", refusals.text(f"error handling a request from {request.remote}"), exc_info=exc)
         else:
             refusals.line(log, logging.INFO, f"refused a malformed request from {request.remote}: {exc or message}")
         if request.writer.output_size > 0:
