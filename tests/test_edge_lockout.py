@@ -123,8 +123,8 @@ def _malformed_sigv4(edge: Edge) -> list[bytes]:
         header_signed(now, "", "host;x-amz-content-sha256;x-amz-date;zzz-missing"),
         f"GET /s3/metaflow/x HTTP/1.1\r\nHost: {edge.host}\r\nConnection: close\r\n"
         "Authorization: AWS4-HMAC-SHA256\r\n\r\n".encode(),
-        "GET /s3/metaflow/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\nAuthorization: AWS4-HMAC-SHA256 Credential=a/b, "
-        "SignedHeaders=host, Signature=1\r\n\r\n".encode(),
+        "GET /s3/metaflow/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
+        "Authorization: AWS4-HMAC-SHA256 Credential=a/b, SignedHeaders=host, Signature=1\r\n\r\n".encode(),
         ("GET /s3/metaflow/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=metaflow-stack%2F20261399%2F"
          "us-east-1%2Fs3%2Faws4_request&X-Amz-Date=20261399T999999Z&X-Amz-Expires=99999999999999999999999"
          "&X-Amz-SignedHeaders=host&X-Amz-Signature=00 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").encode(),
@@ -316,9 +316,9 @@ def test_1000_malformed_signatures_grow_the_log_by_a_bounded_amount(tunnel_edge:
 def test_a_token_in_the_query_never_reaches_the_backend_or_a_log(edge: Edge) -> None:
     token = edge.token
     before = len(edge.recorder.seen)
+    encoded = f"%{ord(token[0]):02X}{token[1:]}"
     targets = [f"/api/flows?token={token}&keep=1", f"/service/flows?note={token}&keep=1",
-               "/api/flows?keep=1&x-api-key=someone-elses-key&api_key=another", f"/api/flows?keep=1&n=%{ord(token[0]):02X}"
-               f"{token[1:]}"]
+               "/api/flows?keep=1&x-api-key=someone-elses-key&api_key=another", f"/api/flows?keep=1&n={encoded}"]
     for target in targets:
         status, _, _ = hp.raw_request(edge.proxy.port, "GET", target, {"x-api-key": token})
         assert status == 200, target

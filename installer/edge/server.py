@@ -234,7 +234,7 @@ class Edge:
         problem = path_problem(request.raw_path.split("?", 1)[0], api=True) or body_problem(request)
         if problem:
             return json_error(400, problem)
-        target = scrub_target(request.raw_path, self.secrets())
+        target = scrub_target(request.raw_path, self.gate.secrets())
         if target is None:
             return json_error(400, "the request path holds the access token; send it in the x-api-key header")
         if where == "api" and is_websocket(request):
@@ -350,8 +350,9 @@ def build_app(config: ProxyConfig) -> Edge:
 
 
 def _server(edge: Edge, config: ProxyConfig) -> EdgeServer:
-    return EdgeServer(edge.handle, limits=ConnectionLimits(config.head_deadline, config.connections_per_client,
-                                                    tunnel_peer=config.tunnel_connections if config.behind_tunnel else None),
+    limits = ConnectionLimits(config.head_deadline, config.connections_per_client,
+                              tunnel_peer=config.tunnel_connections if config.behind_tunnel else None)
+    return EdgeServer(edge.handle, limits=limits,
                       handler_cancellation=True, keepalive_timeout=config.idle_timeout, lingering_time=0,
                       access_log_class=_AccessLogger, access_log=access_log,
                       max_line_size=config.max_line_size, max_field_size=config.max_field_size,
