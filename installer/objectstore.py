@@ -393,6 +393,13 @@ class _StoreServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
     max_body: int = DEFAULT_MAX_BODY
     signed_prefix: str = ""
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that left before its answer was written is one line, not a traceback on stderr.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.info("a client went away before its answer was written")
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
 
 class _UnixServer(_StoreServer, socketserver.UnixStreamServer):
     pass
