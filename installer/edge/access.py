@@ -10,13 +10,15 @@ Credentials:
   behind https, SameSite=Lax: Strict would drop the cookie on the redirect that
   follows a link opened from a notebook (another site). Lax still withholds it
   from cross-site subrequests, posts and websockets; on top, cookie sessions must
-  send a same-origin Origin on writes and websockets, because sibling tunnel hosts
-  (*.trycloudflare.com) may count as the same site.
+  send an Origin (or, lacking one, a Referer) naming this stack's scheme, host and
+  port on writes and websockets, because sibling tunnel hosts (*.trycloudflare.com)
+  may count as the same site; a cookie write naming neither is refused.
 
 No-auth mode (loopback only): a web page in a browser on this machine can still
 reach 127.0.0.1, by DNS rebinding (a name of the attacker's resolving to
 127.0.0.1) or by a cross-site form post. So only loopback Host values are
-accepted, and writes and websockets need a same-origin Origin, as for cookies.
+accepted, and writes and websockets carrying a foreign Origin are refused (API
+clients such as Metaflow's send none).
 
 Who the client is (for the failure throttle): the TCP peer, except behind the
 tunnel. cloudflared (`tunnel --url http://127.0.0.1:PORT`) connects from
