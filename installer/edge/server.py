@@ -61,6 +61,7 @@ access_log = logging.getLogger("installer.proxy.access")
 
 _HEALTH_CACHE_S = 1.0
 ADMITTED = "mfstack.admitted"   # request key: credentials admitted it (or there is no access control)
+VISITOR = "mfstack.visitor"     # request key: the visitor's address the tunnel reported
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -69,8 +70,8 @@ class _AccessLogger(AbstractAccessLogger):
 
     # The raw target goes in as sent: the redaction of the log handlers removes credentials.
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        message = (f'{request.remote} "{request.method} {request.raw_path}" {response.status} '
-                   f'{response.body_length} {time * 1000:.1f}ms')
+        message = (f'{request.get(VISITOR) or request.remote} "{request.method} {request.raw_path}" '
+                   f'{response.status} {response.body_length} {time * 1000:.1f}ms')
         if not request.get(ADMITTED):
             # Nobody vouched for this request: its line is rate-limited and short (quiet.py).
             why = request.get(REFUSAL)
@@ -167,6 +168,7 @@ class Edge:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         client = self.gate.client(request)
         if client.via_tunnel:
+            request[VISITOR] = client.address
             # Tunnel visitors share cloudflared's connections: each gets its own share of requests.
             if not self.in_flight.enter(client.key):
                 response = json_error(503, "too many requests in progress from this address; retry later",
