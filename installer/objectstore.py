@@ -24,8 +24,10 @@ inside this module, which adds what the stack needs around it:
   both; no body at all on GET, HEAD, DELETE, OPTIONS), and a declared body that
   was not read to its end (an operation that ignores its body, an error) closes
   the connection with `Connection: close`, so no byte of a body is ever parsed as
-  the next request. A key with a NUL byte is refused, and an unexpected error in
-  an operation is an S3 500 that closes the connection, not a dropped socket.
+  the next request. Bucket names follow S3's rules and keys hold no control
+  characters (CR, LF, NUL, ...), else S3's 400 and nothing is written; an
+  unexpected error in an operation is an S3 500 that closes the connection, not
+  a dropped socket.
 - Bodies are checked before anything is written: a body shorter than its
   Content-Length (a client or proxy that went away mid-upload) is refused rather
   than stored truncated; a signed `x-amz-content-sha256`, `Content-MD5` and
@@ -44,6 +46,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -236,6 +239,29 @@ def check_body(body: bytes, headers: object, trailers: dict[str, str]) -> None:
             raise _BodyError("BadDigest", f"The {name} you specified did not match what we received.")
 
 
+# ---------------------------------------------------------------- names
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_KEY_BYTES = 1024
+
+
+def name_problem(path: str) -> tuple[str, str] | None:
+    """(S3 error code, message) when the decoded path `/bucket/key` names what S3 would refuse, or None."""
+    bucket, _, key = path.lstrip("/").partition("/")
+    if not bucket:
+        return None
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket or bucket.startswith("xn--") \
+            or re.fullmatch(r"[0-9.]+", bucket):
+        return ("InvalidBucketName", "bucket names are 3 to 63 lower-case letters, digits, '.' and '-', "
+                "beginning and ending with a letter or digit")
+    if _CONTROL.search(key):
+        return "InvalidArgument", "an object key may not hold control characters (CR, LF, NUL, ...)"
+    if len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY_BYTES:
+        return "KeyTooLongError", "Your key is too long"
+    return None
+
+
 # ---------------------------------------------------------------- the handler
 
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
@@ -316,9 +342,12 @@ class _Handler(localbucket.S3Handler):
             if refusal is not None:
                 self._send_error(localbucket.S3Error(HTTPStatus(refusal.status), refusal.code, refusal.message))
                 return
-        if "\x00" in unquote(path):
-            self._send_error(_BodyError("InvalidArgument", "an object key may not hold a NUL byte"))
-            return
+        source = self.headers.get("x-amz-copy-source")
+        for name in (unquote(path), *(["/" + unquote(source).lstrip("/")] if source else [])):
+            problem = name_problem(name.partition("?")[0])
+            if problem is not None:
+                self._send_error(_BodyError(*problem))
+                return
         try:
             super()._dispatch(action)
         except ConnectionError:
@@ -363,6 +392,13 @@ class _StoreServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
     lookup: Callable[[str], str | None] | None = None
     max_body: int = DEFAULT_MAX_BODY
     signed_prefix: str = ""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that left before its answer was written is one line, not a traceback on stderr.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.info("a client went away before its answer was written")
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _UnixServer(_StoreServer, socketserver.UnixStreamServer):

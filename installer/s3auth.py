@@ -153,9 +153,12 @@ def _canonical_headers(headers: object, signed: list[str]) -> str:
 
 
 def _parse_timestamp(amz_date: str) -> float:
-    if not _AMZ_DATE.match(amz_date):
-        raise S3AuthError("AccessDenied", "X-Amz-Date must look like 20240131T235959Z")
-    return float(calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ")))
+    try:
+        if _AMZ_DATE.match(amz_date):
+            return float(calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ")))
+    except (ValueError, OverflowError):
+        pass  # month 13, second 99, year 0: not a date
+    raise S3AuthError("AccessDenied", "X-Amz-Date must be a date like 20240131T235959Z")
 
 
 def _parse_scope(credential: str) -> tuple[str, str, str]:
@@ -189,9 +192,20 @@ def verify(method: str, raw_path: str, raw_query: str, headers: object, lookup: 
     """Check the SigV4 signature of a request as received; raise S3AuthError to refuse it.
 
     `raw_path` and `raw_query` are the request target exactly as sent (percent-encoding kept),
-    `headers` a case-insensitive mapping (getall() honoured when present).
+    `headers` a case-insensitive mapping (getall() honoured when present). Total: whatever bytes a
+    request holds, the outcome is a Verified or an S3AuthError, never another exception.
     """
-    now = time.time() if now is None else now
+    try:
+        return _verify(method, raw_path, raw_query, headers, lookup, time.time() if now is None else now,
+                       max_skew)
+    except S3AuthError:
+        raise
+    except (ValueError, UnicodeError, OverflowError, LookupError, TypeError):
+        raise S3AuthError("AccessDenied", "the request's signature fields could not be read") from None
+
+
+def _verify(method: str, raw_path: str, raw_query: str, headers: object, lookup: Lookup, now: float,
+            max_skew: float) -> Verified:
     query = {}
     for item in raw_query.split("&") if raw_query else ():
         name, _, value = item.partition("=")

@@ -357,11 +357,13 @@ def test_a_client_cannot_escape_its_penalty_by_rotating_forwarding_headers(edge:
     assert time.monotonic() - started >= 0.2, "the rotated header must not have reset the penalty"
 
 
-def test_all_clients_together_have_a_failure_budget(tmp_path: Path, recorder: he.Recorder) -> None:
+def test_failures_have_a_global_budget_that_never_refuses_the_valid_token(tmp_path: Path,
+                                                                         recorder: he.Recorder) -> None:
     proxy = hp.start_proxy(tmp_path, metadata_url=recorder.url, ui_url=recorder.url,
                            static_dir=hp.make_static_dir(tmp_path), extra=["--behind-tunnel"])
     try:
         outcomes: list[int] = []
+        valid: list[int] = []
         lock = threading.Lock()
 
         def guess(worker: int) -> None:
@@ -373,8 +375,17 @@ def test_all_clients_together_have_a_failure_budget(tmp_path: Path, recorder: he
                     with lock:
                         outcomes.append(status)
 
+        def use_the_token() -> None:
+            with requests.Session() as session:
+                for i in range(20):
+                    status = session.get(proxy.url + f"/api/valid-{i}", headers={
+                        "x-api-key": proxy.token, "Cf-Connecting-Ip": "10.7.7.7"}, timeout=30).status_code
+                    with lock:
+                        valid.append(status)
+
         started = time.monotonic()
         threads = [threading.Thread(target=guess, args=(w,)) for w in range(8)]
+        threads.append(threading.Thread(target=use_the_token))
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -382,9 +393,22 @@ def test_all_clients_together_have_a_failure_budget(tmp_path: Path, recorder: he
         elapsed = time.monotonic() - started
         checked = outcomes.count(401)
         assert checked + outcomes.count(429) == 200
-        assert checked <= 100 + 10 * elapsed + 5, (checked, elapsed)
-        refused = requests.get(proxy.url + "/api/x", headers={"x-api-key": proxy.token, "Cf-Connecting-Ip": "10.7.7.7"})
-        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert outcomes.count(429) > 0 and checked <= 100 + 10 * elapsed + 5, (checked, elapsed)
+        assert valid == [200] * 20, valid
+        # The budget is still spent (it refills at 10 a second): new strangers' wrong guesses are mostly
+        # refused at once, and the token still works.
+        with requests.Session() as session:
+            later = [session.get(proxy.url + "/api/x", headers={"x-api-key": "another-guess" * 4,
+                                                                "Cf-Connecting-Ip": f"10.200.0.{i}"}, timeout=30)
+                     for i in range(20)]
+        refused = [r for r in later if r.status_code == 429]
+        assert len(refused) >= 10 and all(int(r.headers["Retry-After"]) >= 1 for r in refused), \
+            [r.status_code for r in later]
+        admitted = requests.get(proxy.url + "/api/after", headers={"x-api-key": proxy.token,
+                                                                   "Cf-Connecting-Ip": "10.200.0.1"}, timeout=30)
+        assert admitted.status_code == 200
+        assert [s.target for s in recorder.seen if "valid-" in s.target or "after" in s.target][-21:] == \
+            [f"/api/valid-{i}" for i in range(20)] + ["/api/after"]
     finally:
         proxy.stop()
 

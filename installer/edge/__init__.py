@@ -2,7 +2,7 @@
 
     config      ProxyConfig and the configurations refused (no-auth off loopback, ...)
     protocol    connection level: head deadline, connections per peer, malformed requests
-    routes      which route a path is for; request shapes refused everywhere
+    routes      which route a path is for; request shapes refused everywhere; credentials out of targets
     access      token, cookie, Host and Origin rules, failure throttle, the tunnel's client address
     s3gate      /s3/: SigV4 gate in front of the object store
     forward     what is relayed to an upstream and back
@@ -12,5 +12,6 @@
     pages       the answers the proxy gives itself (JSON errors, S3 errors, sign-in page)
     redact      the one log filter that keeps credentials out of every record
     logbuffer   the log handler: records written in batches, each batch redacted
+    quiet       the rate limit and length limit of lines about requests nobody vouched for
     server      the order of the checks, lifecycle, command line (`python -m installer.proxy`)
 """

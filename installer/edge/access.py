@@ -10,13 +10,15 @@ Credentials:
   behind https, SameSite=Lax: Strict would drop the cookie on the redirect that
   follows a link opened from a notebook (another site). Lax still withholds it
   from cross-site subrequests, posts and websockets; on top, cookie sessions must
-  send a same-origin Origin on writes and websockets, because sibling tunnel hosts
-  (*.trycloudflare.com) may count as the same site.
+  send an Origin (or, lacking one, a Referer) naming this stack's scheme, host and
+  port on writes and websockets, because sibling tunnel hosts (*.trycloudflare.com)
+  may count as the same site; a cookie write naming neither is refused.
 
 No-auth mode (loopback only): a web page in a browser on this machine can still
 reach 127.0.0.1, by DNS rebinding (a name of the attacker's resolving to
 127.0.0.1) or by a cross-site form post. So only loopback Host values are
-accepted, and writes and websockets need a same-origin Origin, as for cookies.
+accepted, and writes and websockets carrying a foreign Origin are refused (API
+clients such as Metaflow's send none).
 
 Who the client is (for the failure throttle): the TCP peer, except behind the
 tunnel. cloudflared (`tunnel --url http://127.0.0.1:PORT`) connects from
@@ -32,13 +34,21 @@ local program (or a rebinding web page) can forge Cf-Connecting-Ip while the
 tunnel is on and so choose its throttle identity. That only spreads its own
 failures over made-up identities, which is why there is also a global cap.
 
-Failures: a client that failed recently waits before its next credential is even
-checked (a delay growing with its recent failures, bounded and decaying, an
-asyncio.sleep: the loop keeps serving), and all clients together may fail only
-`global_failures_per_s` times per second (with a burst): beyond that, credentials
-are not checked at all until the budget refills (429 with Retry-After). A check
-and its verdict happen with no await in between, so parallel requests cannot
-overdraw the budget.
+Failures: credentials are checked first, in constant time, and a valid one is
+admitted at once, whatever other clients are doing: no stranger can lock the
+token holders out. Only a failure is slowed down. A client (an IPv4 address, an
+IPv6 /64, or behind the tunnel the visitor's address) that failed recently gets
+its refusal after a delay growing with its recent failures (bounded, decaying, an
+asyncio.sleep: the loop keeps serving); at most MAX_WAITING failures wait at
+once, and beyond that a failure is refused at once with 429. All clients
+together may fail only `global_failures_per_s` times per second (with a burst);
+beyond that a failure is answered 429 at once (S3: 503 SlowDown), without its
+delay. This bounds the work and the log lines failures cost; it does not stop
+guessing, and need not: the token carries 256 random bits.
+
+Behind the tunnel, every visitor shares cloudflared's loopback connections, so
+the per-address connection cap (protocol.py) is larger for that peer and each
+visitor may have at most `in_flight_per_visitor` requests in progress.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,8 +73,8 @@ from ..errors import StackError
 from ..secrets import read_secret
 from .config import is_loopback
 
-__all__ = ["API_KEY_HEADER", "COOKIE_NAME", "Client", "FailureThrottle", "Gate", "TokenSource", "cookie_value",
-           "loopback_host", "same_origin"]
+__all__ = ["API_KEY_HEADER", "COOKIE_NAME", "MAX_WAITING", "Client", "FailureThrottle", "Gate", "InFlight",
+           "TokenSource", "cookie_value", "loopback_host", "same_origin"]
 
 log = logging.getLogger("installer.proxy")
 
@@ -73,6 +84,8 @@ TUNNEL_CLIENT_HEADER = "Cf-Connecting-Ip"
 COOKIE_MAX_AGE = 30 * 24 * 3600
 _COOKIE_CONTEXT = b"metaflow-stack proxy session v1"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REFUSAL = "mfstack.refusal"   # request key: why its credentials were refused (for its access line)
+MAX_WAITING = 128  # failures sleeping out their penalty at once; more are refused at once
 
 
 def cookie_value(token: str) -> str:
@@ -157,19 +170,56 @@ class FailureThrottle:
     def fail(self, client: str) -> None:
         """Count one failed credential, against the client and against the global budget."""
         now = self._clock()
-        self._scores[client] = (self._score(client, now) + 1.0, now)
+        # Capped where the delay reached its cap long ago: the score decays back within a minute or so.
+        self._scores[client] = (min(self._score(client, now) + 1.0, self.allowance + 32.0), now)
         self._scores.move_to_end(client)
         while len(self._scores) > self.max_clients:
             self._scores.popitem(last=False)
-        self._spent, self._spent_at = self._global_level(now) + 1.0, now
+        # Over budget, failures are refused without counting: the level never climbs past the burst.
+        self._spent, self._spent_at = min(float(self.global_burst), self._global_level(now) + 1.0), now
 
 
 @dataclass(frozen=True)
 class Client:
     """Who sent a request, as far as the proxy can tell."""
-    address: str          # the throttle's key and X-Forwarded-For upstream
+    address: str          # X-Forwarded-For upstream
     scheme: str           # "https" behind the tunnel
     via_tunnel: bool
+
+    @cached_property
+    def key(self) -> str:
+        """The throttle's key: the address, or its /64 for IPv6 (one subscriber holds a whole /64)."""
+        try:
+            ip = ipaddress.ip_address(self.address)
+        except ValueError:
+            return self.address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+
+class InFlight:
+    """Requests in progress per tunnel visitor (they all share cloudflared's loopback connections)."""
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._count: dict[str, int] = {}
+
+    def enter(self, key: str) -> bool:
+        count = self._count.get(key, 0)
+        if count >= self.per_client:
+            return False
+        self._count[key] = count + 1
+        return True
+
+    def leave(self, key: str) -> None:
+        count = self._count.get(key, 0) - 1
+        if count > 0:
+            self._count[key] = count
+        else:
+            self._count.pop(key, None)
 
 
 def _valid_ip(text: str) -> bool:
@@ -205,16 +255,35 @@ def loopback_host(request: web.BaseRequest) -> bool:
     return len(values) == 1 and is_loopback(_split_host(values[0]))
 
 
-def same_origin(request: web.BaseRequest) -> bool:
-    """True when the request carries no Origin or one naming the Host it was sent to."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_of(url: str, default_scheme: str | None = None) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, the port filled in from the scheme; None if unusable."""
+    try:
+        parts = urlsplit(url if default_scheme is None else f"{default_scheme}://{url}")
+        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return None
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+def same_origin(request: web.BaseRequest, scheme: str, *, required: bool) -> bool:
+    """True when the request's Origin (or, lacking one, its Referer) names the scheme, host and port it
+    was sent to; a request with neither passes only when not `required` (cookie writes require one)."""
     origins = request.headers.getall("Origin", [])
     if not origins:
-        return True
-    if len(origins) > 1:
-        return False
-    netloc = urlsplit(origins[0]).netloc.lower()
+        origins = request.headers.getall("Referer", [])
+    if not origins:
+        return not required
     hosts = request.headers.getall("Host", [])
-    return bool(netloc) and len(hosts) == 1 and netloc == hosts[0].strip().lower()
+    if len(origins) > 1 or len(hosts) != 1:
+        return False
+    given = _origin_of(origins[0].strip())
+    expected = _origin_of(hosts[0].strip(), scheme)
+    return given is not None and given == expected
 
 
 def is_websocket(request: web.BaseRequest) -> bool:
@@ -229,26 +298,37 @@ class Gate:
         self.tokens = tokens
         self.throttle = throttle
         self.behind_tunnel = behind_tunnel
+        self.waiting = 0   # failures sleeping out their penalty now
 
     def client(self, request: web.BaseRequest) -> Client:
         return identify(request, self.behind_tunnel)
 
-    async def before_check(self, client: Client) -> float | None:
-        """Wait out the client's penalty; then None, or the seconds to retry after when over budget."""
-        delay = self.throttle.delay(client.address)
-        if delay > 0:
+    async def refuse(self, client: Client) -> float | None:
+        """Count one failed credential and slow its refusal down: None once the penalty is served, or the
+        seconds to retry after when the refusal is immediate (over the global budget, or too many waiting)."""
+        retry = self.throttle.retry_after()
+        delay = self.throttle.delay(client.key)
+        self.throttle.fail(client.key)
+        if retry is not None:
+            return retry
+        if delay <= 0:
+            return None
+        if self.waiting >= MAX_WAITING:
+            return max(1.0, delay)
+        self.waiting += 1
+        try:
             await asyncio.sleep(delay)
-        return self.throttle.retry_after()
+        finally:
+            self.waiting -= 1
+        return None
 
     @staticmethod
     def _equal(given: str, expected: str | None) -> bool:
         return expected is not None and hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
 
     def check(self, request: web.BaseRequest, client: Client) -> str | None:
-        """'key' or 'cookie' for valid credentials, 'open' without access control, None otherwise.
-
-        No await inside: the global budget seen by before_check() is still the one a failure counts against.
-        """
+        """'key' or 'cookie' for valid credentials, 'open' without access control, '' for credentials
+        that failed (the caller counts the failure: refuse()), None when none were offered."""
         if self.tokens is None:
             return "open"
         token, expected_cookie = self.tokens.current()
@@ -262,15 +342,13 @@ class Gate:
                 return None  # nothing was tried: no penalty for a first visit
             if self._equal(cookie, expected_cookie):
                 return "cookie"
-        self.throttle.fail(client.address)
-        return None
+        return ""
 
-    def token_matches(self, given: str, client: Client) -> tuple[str | None, bool]:
-        """(cookie value to set, valid?) for a `?token=` login; a wrong token counts as a failure."""
+    def token_matches(self, given: str) -> tuple[str | None, bool]:
+        """(cookie value to set, valid?) for a `?token=` login (the caller counts a failure: refuse())."""
         token, expected_cookie = self.tokens.current() if self.tokens is not None else (None, None)
         if self._equal(given, token) and expected_cookie is not None:
             return expected_cookie, True
-        self.throttle.fail(client.address)
         return None, False
 
     def secrets(self) -> list[str]:

@@ -37,6 +37,8 @@ class ProxyConfig:
     head_deadline: float = 10.0       # seconds from a request head's first byte to its end
     idle_timeout: float = 75.0        # a kept-alive connection with no request at all
     connections_per_client: int = 256
+    tunnel_connections: int = 2048   # cloudflared's loopback peer with --behind-tunnel: every visitor shares it
+    in_flight_per_visitor: int = 64  # requests in progress per tunnel visitor (Cf-Connecting-Ip)
     shutdown_timeout: float = 3.0
     s3_socket: Path | None = None              # the object store's unix socket; None: no /s3 route
     s3_internal_secret_file: Path | None = None

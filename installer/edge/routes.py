@@ -16,22 +16,31 @@ because upstreams resolve them differently than the checks here saw them; on the
 API routes also encoded `/` and `\\`. A body on a method that carries none is
 refused, not dropped: the upstream would otherwise see a different request than
 the one whose credentials were checked.
+
+Credentials never travel upstream in a target: token-like query parameters
+(`token`, `api_key`, `x-api-key`, ...) and any parameter holding a current secret
+are removed before a request is relayed (the upstreams log their targets in
+clear), and a path holding a secret is refused.
 """
 
 from __future__ import annotations
 
-from urllib.parse import unquote
+from collections.abc import Sequence
+from urllib.parse import unquote, unquote_plus
 
 from aiohttp import web
 
 from .config import S3_PREFIX
 
-__all__ = ["PUBLIC_UI_FILES", "area", "body_problem", "method_problem", "path_problem"]
+__all__ = ["PUBLIC_UI_FILES", "TOKEN_PARAMS", "area", "body_problem", "method_problem", "path_problem",
+           "scrub_target"]
 
 PUBLIC_UI_FILES = frozenset({"/manifest.json", "/favicon.ico", "/robots.txt"})
 REFUSED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 S3_BODYLESS = BODYLESS | {"DELETE"}  # no S3 operation reads a body on these
+TOKEN_PARAMS = frozenset({"token", "access_token", "auth_token", "api_key", "apikey", "api-key", "x-api-key",
+                          "x_api_key", "mf_stack_session"})
 
 
 def area(path: str, s3: bool) -> str:
@@ -73,3 +82,27 @@ def body_problem(request: web.BaseRequest, bodyless: frozenset[str] = BODYLESS) 
     if request.method in bodyless and declares_body(request):
         return f"a {request.method} request may not carry a body"
     return None
+
+
+def _decodings(text: str) -> tuple[str, ...]:
+    once = unquote_plus(text, errors="replace")
+    return text, once, unquote_plus(once, errors="replace")
+
+
+def scrub_target(raw_target: str, secrets: Sequence[str]) -> str | None:
+    """`raw_target` without token-like query parameters or parameters holding one of `secrets` (the rest
+    kept byte for byte); None when the path itself holds a secret."""
+    path, sep, query = raw_target.partition("?")
+    if any(secret in form for form in _decodings(path) for secret in secrets):
+        return None
+    if not sep:
+        return raw_target
+    kept = []
+    for item in query.split("&"):
+        name = item.partition("=")[0]
+        if unquote_plus(name, errors="replace").strip().lower() in TOKEN_PARAMS:
+            continue
+        if any(secret in form for form in _decodings(item) for secret in secrets):
+            continue
+        kept.append(item)
+    return path + ("?" + "&".join(kept) if kept else "")

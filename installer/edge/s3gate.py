@@ -24,7 +24,7 @@ from yarl import URL
 
 from ..s3auth import CredentialSource, S3AuthError
 from ..s3auth import verify as verify_sigv4
-from .access import Client, Gate
+from .access import REFUSAL, Client, Gate
 from .client import Pool
 from .config import S3_PREFIX
 from .forward import Upstream, forward, request_headers, send_continue
@@ -42,25 +42,31 @@ class S3Gate:
         self.gate = gate
         self.max_body = max_body
 
-    async def handle(self, request: web.BaseRequest, client: Client, pool: Pool) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, client: Client,
+                     pool: Pool) -> tuple[web.StreamResponse, bool]:
+        """(the answer, whether a valid signature admitted the request). A valid signature is relayed at
+        once; a refused one is a failed credential (access.py: slowed down, then S3's 403 or 503 SlowDown)."""
         raw_path, _, raw_query = request.raw_path.partition("?")
         head = request.method == "HEAD"
         problem = method_problem(request.method)
         if problem:
-            return s3_error(405, "MethodNotAllowed", problem, raw_path, head)
+            return s3_error(405, "MethodNotAllowed", problem, raw_path, head), False
         if self.credentials is not None:
-            retry = await self.gate.before_check(client)
-            if retry is not None:
-                response = s3_error(503, "SlowDown", "too many failed signatures on this stack; retry later",
-                                    raw_path, head)
-                response.headers["Retry-After"] = str(max(1, round(retry)))
-                return response
             try:
                 verify_sigv4(request.method, raw_path, raw_query, request.headers, self.credentials)
             except S3AuthError as exc:
-                if exc.status == 403:
-                    self.gate.throttle.fail(client.address)
-                return s3_error(exc.status, exc.code, exc.message, raw_path, head)
+                request[REFUSAL] = f"{exc.code}: {exc.message}"
+                retry = await self.gate.refuse(client)
+                if retry is not None:
+                    response = s3_error(503, "SlowDown", "too many failed signatures on this stack; retry later",
+                                        raw_path, head)
+                    response.headers["Retry-After"] = str(max(1, round(retry)))
+                    return response, False
+                return s3_error(exc.status, exc.code, exc.message, raw_path, head), False
+        return await self._relay(request, client, pool, raw_path, head), True
+
+    async def _relay(self, request: web.BaseRequest, client: Client, pool: Pool, raw_path: str,
+                     head: bool) -> web.StreamResponse:
         problem = path_problem(raw_path, api=False) or body_problem(request, S3_BODYLESS)
         if problem:
             return s3_error(400, "InvalidRequest", problem, raw_path, head)

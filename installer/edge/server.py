@@ -6,13 +6,17 @@ For every request, in this order (each step refuses with a clear message):
 3. without access control: a loopback Host only (access.py);
 4. /healthz: answered here, nothing revealed;
 5. /s3/: the SigV4 gate (s3gate.py), which relays to the object store;
-6. credentials: `?token=` login, x-api-key or the session cookie, after the failure
-   throttle (access.py); cookie and open sessions: same Origin for writes and websockets;
+6. credentials: `?token=` login, x-api-key or the session cookie, checked at once; a
+   failure goes through the failure throttle (access.py); cookie and open sessions:
+   same scheme, host and port in Origin (or Referer) for writes and websockets, and
+   cookie writes must name one;
 7. API routes: no dot segments or encoded separators, no body on GET/HEAD/OPTIONS,
-   `100 Continue` only now; then forward.py or websocket.py;
+   token-like query parameters removed, `100 Continue` only now; then forward.py or
+   websocket.py;
 8. the UI files (static.py).
 A refused request that declared a body is answered with `Connection: close` and
-its body is not read (no lingering): the client's bytes go nowhere.
+its body is not read (no lingering): the client's bytes go nowhere. The access
+line of a request no credential admitted passes the rate limit of quiet.py.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from .. import procs
 from ..errors import StackError
 from ..s3auth import INTERNAL_ACCESS_KEY_ID, CredentialSource, secret_for_token
 from ..secrets import read_or_create_secret
-from .access import (COOKIE_MAX_AGE, COOKIE_NAME, SAFE_METHODS, Client, FailureThrottle, Gate, TokenSource,
-                     is_websocket, loopback_host, same_origin)
+from .access import (COOKIE_MAX_AGE, COOKIE_NAME, REFUSAL, SAFE_METHODS, Client, FailureThrottle, Gate, InFlight,
+                     TokenSource, is_websocket, loopback_host, same_origin)
 from .config import ProxyConfig, upstream_base, validate
 from .client import Pool, UpstreamError
 from .forward import SKIP_AUTO_HEADERS, Upstream, forward, request_headers, send_continue
@@ -44,7 +48,8 @@ from .pages import HOW_TO_AUTHENTICATE, SERVER_NAME, json_error, json_response, 
 from .protocol import ConnectionLimits, EdgeServer
 from .logbuffer import BufferedHandler, buffer_root_handlers, direct_handler
 from .redact import Redactor, install
-from .routes import PUBLIC_UI_FILES, area, body_problem, declares_body, method_problem, path_problem
+from .quiet import refusals
+from .routes import PUBLIC_UI_FILES, area, body_problem, declares_body, method_problem, path_problem, scrub_target
 from .s3gate import S3Gate
 from .static import StaticFiles
 from .websocket import relay_websocket
@@ -55,6 +60,8 @@ log = logging.getLogger("installer.proxy")
 access_log = logging.getLogger("installer.proxy.access")
 
 _HEALTH_CACHE_S = 1.0
+ADMITTED = "mfstack.admitted"   # request key: credentials admitted it (or there is no access control)
+VISITOR = "mfstack.visitor"     # request key: the visitor's address the tunnel reported
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -63,8 +70,14 @@ class _AccessLogger(AbstractAccessLogger):
 
     # The raw target goes in as sent: the redaction of the log handlers removes credentials.
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        message = (f'{request.remote} "{request.method} {request.raw_path}" {response.status} '
-                   f'{response.body_length} {time * 1000:.1f}ms')
+        message = (f'{request.get(VISITOR) or request.remote} "{request.method} {request.raw_path}" '
+                   f'{response.status} {response.body_length} {time * 1000:.1f}ms')
+        if not request.get(ADMITTED):
+            # Nobody vouched for this request: its line is rate-limited and short (quiet.py).
+            why = request.get(REFUSAL)
+            if not refusals.allow():
+                return
+            message = refusals.text(f"{message} ({why})" if why else message)
         direct = self.direct
         if direct is not None:
             direct.line(self.logger.name, logging.INFO, message)
@@ -90,6 +103,7 @@ class Edge:
                                    global_per_s=config.global_failures_per_s,
                                    global_burst=config.global_failure_burst)
         self.gate = Gate(tokens, throttle, config.behind_tunnel)
+        self.in_flight = InFlight(config.in_flight_per_visitor)
         self.s3_credentials: CredentialSource | None = None
         self.s3: S3Gate | None = None
         if config.s3_socket is not None:
@@ -152,14 +166,28 @@ class Edge:
     # -- dispatch --------------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        response = await self._route(request)
+        client = self.gate.client(request)
+        if client.via_tunnel:
+            request[VISITOR] = client.address
+            # Tunnel visitors share cloudflared's connections: each gets its own share of requests.
+            if not self.in_flight.enter(client.key):
+                response = json_error(503, "too many requests in progress from this address; retry later",
+                                      headers={"Retry-After": "1"})
+                response.force_close()
+                return response
+            try:
+                response = await self._route(request, client)
+            finally:
+                self.in_flight.leave(client.key)
+        else:
+            response = await self._route(request, client)
         if not response.prepared:
             response.headers["Server"] = SERVER_NAME
             if response.status >= 400 and declares_body(request):
                 response.force_close()  # refused with a body, read or not: the connection ends with the refusal
         return response
 
-    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _route(self, request: web.BaseRequest, client: Client) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
         if not path.startswith("/"):
             # absolute-form ("GET http://host/...") and "*" targets are for forward proxies
@@ -168,15 +196,19 @@ class Edge:
         problem = method_problem(request.method)
         if problem and where != "s3":
             return json_error(405, problem)
+        if self.config.no_auth:
+            request[ADMITTED] = True
         if self.config.no_auth and not loopback_host(request):
             return json_error(421, "without access control this stack answers only to loopback host names "
                               "(127.0.0.1, localhost, [::1]); open it by one of those")
         if where == "healthz":
             return await self.healthz()
-        client = self.gate.client(request)
         if where == "s3":
             assert self.s3 is not None
-            return await self.s3.handle(request, client, self.pools["s3"])
+            response, admitted = await self.s3.handle(request, client, self.pools["s3"])
+            if admitted:
+                request[ADMITTED] = True
+            return response
         if where == "ui" and "token" in request.query and request.method in ("GET", "HEAD"):
             return await self.token_login(request, client)
         if where == "ui" and path in PUBLIC_UI_FILES and request.method in ("GET", "HEAD"):
@@ -185,11 +217,13 @@ class Edge:
         how = await self.authenticate(request, client)
         if isinstance(how, web.StreamResponse):
             return how
-        if how is None:
+        if not how:
             return self.deny(request, where)
+        request[ADMITTED] = True
         if how != "key" and (request.method not in SAFE_METHODS or is_websocket(request)) \
-                and not same_origin(request):
-            return json_error(403, "cross-origin request refused")
+                and not same_origin(request, client.scheme, required=how == "cookie"):
+            return json_error(403, "cross-origin request refused: a browser session's writes and websockets "
+                              "must come from this stack's own pages (same scheme, host and port in Origin)")
         if where in ("api", "service"):
             return await self._to_api(request, client, where)
         if request.method == "GET" and "text/html" in request.headers.get("Accept", "") \
@@ -202,16 +236,18 @@ class Edge:
         problem = path_problem(request.raw_path.split("?", 1)[0], api=True) or body_problem(request)
         if problem:
             return json_error(400, problem)
+        target = scrub_target(request.raw_path, self.gate.secrets())
+        if target is None:
+            return json_error(400, "the request path holds the access token; send it in the x-api-key header")
         if where == "api" and is_websocket(request):
             return await relay_websocket(request, self.ui, self.session,
-                                         request_headers(request, client, websocket=True))
+                                         request_headers(request, client, websocket=True), target)
         refused = await send_continue(request)
         if refused is not None:
             return refused
         if where == "api":
-            return await forward(request, self.ui, request.raw_path, self.pools["ui"],
-                                 request_headers(request, client))
-        rest = request.raw_path[len("/service"):]
+            return await forward(request, self.ui, target, self.pools["ui"], request_headers(request, client))
+        rest = target[len("/service"):]
         if not rest.startswith("/"):
             rest = "/" + rest
         return await forward(request, self.metadata, rest, self.pools["metadata"], request_headers(request, client))
@@ -223,15 +259,18 @@ class Edge:
                           headers={"Retry-After": str(max(1, round(retry)))})
 
     async def authenticate(self, request: web.BaseRequest, client: Client) -> str | web.Response | None:
-        """'key', 'cookie' or 'open' for an admitted request; None to refuse; a 429 when over budget."""
+        """'key', 'cookie' or 'open' for an admitted request; None (or '') to refuse; a 429 when a failure
+        is refused at once. Valid credentials are admitted at once: only failures are slowed down."""
         if self.gate.tokens is None:
             return "open"
         if "x-api-key" not in request.headers and COOKIE_NAME not in request.cookies:
             return None
-        retry = await self.gate.before_check(client)
-        if retry is not None:
-            return self._too_many(retry)
-        return self.gate.check(request, client)
+        how = self.gate.check(request, client)
+        if how:
+            return how
+        request[REFUSAL] = "invalid credentials"
+        retry = await self.gate.refuse(client)
+        return None if retry is None else self._too_many(retry)
 
     def deny(self, request: web.BaseRequest, where: str) -> web.Response:
         if where == "ui" and "text/html" in request.headers.get("Accept", ""):
@@ -248,12 +287,14 @@ class Edge:
         location = path + ("?" + urlencode(clean_query) if clean_query else "")
         if self.gate.tokens is None:
             return web.Response(status=303, headers={"Location": location, "Referrer-Policy": "no-referrer"})
-        retry = await self.gate.before_check(client)
-        if retry is not None:
-            return self._too_many(retry)
-        cookie, valid = self.gate.token_matches(request.query.get("token", ""), client)
+        cookie, valid = self.gate.token_matches(request.query.get("token", ""))
         if not valid or cookie is None:
+            request[REFUSAL] = "invalid token"
+            retry = await self.gate.refuse(client)
+            if retry is not None:
+                return self._too_many(retry)
             return login_page("That token is not valid for this stack (it may have been rotated).")
+        request[ADMITTED] = True
         response = web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store",
                                                      "Referrer-Policy": "no-referrer"})
         response.set_cookie(COOKIE_NAME, cookie, max_age=COOKIE_MAX_AGE, path="/", httponly=True,
@@ -311,7 +352,9 @@ def build_app(config: ProxyConfig) -> Edge:
 
 
 def _server(edge: Edge, config: ProxyConfig) -> EdgeServer:
-    return EdgeServer(edge.handle, limits=ConnectionLimits(config.head_deadline, config.connections_per_client),
+    limits = ConnectionLimits(config.head_deadline, config.connections_per_client,
+                              tunnel_peer=config.tunnel_connections if config.behind_tunnel else None)
+    return EdgeServer(edge.handle, limits=limits,
                       handler_cancellation=True, keepalive_timeout=config.idle_timeout, lingering_time=0,
                       access_log_class=_AccessLogger, access_log=access_log,
                       max_line_size=config.max_line_size, max_field_size=config.max_field_size,
@@ -326,6 +369,7 @@ def configure_logging(edge: Edge) -> list[BufferedHandler]:
     logging.logAsyncioTasks = False  # Python 3.12+; unused before
     logging._srcfile = None  # nor the caller's file and line: no stack walk per record (logging HOWTO, "Optimization")
     redactor = Redactor(edge.secrets)
+    refusals.redact = redactor.text
     buffered = buffer_root_handlers(redactor)
     install(redactor)
     _AccessLogger.direct = direct_handler(access_log)

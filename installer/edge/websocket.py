@@ -28,11 +28,11 @@ def _ws_close_code(code: int | None) -> int:
 
 
 async def relay_websocket(request: web.BaseRequest, upstream: Upstream, session: aiohttp.ClientSession,
-                          headers: list[tuple[str, str]]) -> web.StreamResponse:
+                          headers: list[tuple[str, str]], target: str | None = None) -> web.StreamResponse:
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
         upstream_ws = await session.ws_connect(
-            upstream.url(request.raw_path), headers=headers, protocols=offered, autoping=True,
+            upstream.url(target or request.raw_path), headers=headers, protocols=offered, autoping=True,
             max_msg_size=_WS_MAX_MESSAGE, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0))
     except aiohttp.WSServerHandshakeError as exc:
         return json_error(exc.status if 400 <= exc.status < 600 else 502,
