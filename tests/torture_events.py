@@ -22,9 +22,9 @@ from .helpers_torture import FLOW, Client, Drive, Runtime, take_port, ui_reads, 
 from .torture_checks import Finished, Ledger, check_failed_up, check_prefix, check_ui_reads, check_views
 
 # Events when the stack runs, and when it does not, with how often each is drawn.
-WHEN_RUNNING = {"flows": 3.0, "kill:load": 1.5, "kill:after": 1.5, "kill:idle": 0.6, "kill:snapshot": 0.9,
-                "down": 0.4, "rotate": 0.4}
-WHEN_STOPPED = {"up": 5.0, "kill:up": 0.9, "kill:restore": 0.9, "failup": 0.7, "restore": 0.4}
+WHEN_RUNNING = {"flows": 1.2, "kill:load": 1.5, "kill:after": 1.5, "kill:idle": 0.9, "kill:snapshot": 1.0,
+                "down": 0.3, "rotate": 0.3}
+WHEN_STOPPED = {"up": 5.0, "kill:up": 1.0, "kill:restore": 1.0, "failup": 0.6, "restore": 0.3}
 EVENTS = ("up", *WHEN_RUNNING, *[name for name in WHEN_STOPPED if name != "up"])
 RUNNING_AFTER = {"up", "flows", "rotate"}
 REVERIFY_S = 60.0  # runs that finished this close to a death are read through the UI again after it
