@@ -140,7 +140,7 @@ import installer
 lock = threading.Lock()
 def said(event):  # services of one wave start side by side: one whole line at a time
     with lock:
-        sys.stdout.write("EVENT " + json.dumps([event.step, event.message, event.seconds]) + "\n")
+        sys.stdout.write("EVENT " + json.dumps([event.step, event.message, event.seconds]) + "\\n")
         sys.stdout.flush()
 try:
     status = installer.up(progress=said, **json.loads(sys.argv[1]))
