@@ -123,6 +123,8 @@ def main() -> int:
                 f"{len(figures.violations)} violations")
             if found and not args.keep_going:
                 break
+            if number % 5 == 0:
+                report(figures, began)
     finally:
         shutil.rmtree(base, ignore_errors=True)
         report(figures, began)

@@ -22,8 +22,10 @@ def test_a_seeded_sequence_of_deaths_and_restores_keeps_every_invariant(tmp_path
     seed, drive, events = parse_replay(CI_SEQUENCE)
     figures = Figures()
     lines: list[str] = []
-    violations = Sequence(tmp_path / "seq", registry, seed, drive, events, figures, lines.append).run()
+    sequence = Sequence(tmp_path / "seq", registry, seed, drive, events, figures, lines.append)
+    violations = sequence.run()
     assert violations == [], "\n".join(lines + violations)
+    assert sequence.ledger.runs and sequence.ledger.tasks, "the ledger saw no id: the checks would see nothing"
     assert figures.events == len(events) and figures.kills["after"] == 1, lines
     assert figures.restores >= 2, lines  # the one of `up` on the fresh runtime, and `restore --force`
     assert figures.without_data == 0 and figures.reused == 0

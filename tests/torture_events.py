@@ -113,7 +113,7 @@ class Sequence:
             return []
         finally:
             self.figures.sequences += 1
-            self.figures.runs_finished += len(self.finished.ends)
+            self.figures.runs_finished += sum(run.returncode == 0 for client in self.clients for run in client.runs)
             self.runtime.stop(self.clients)
 
     # --- events ----------------------------------------------------------------------------
