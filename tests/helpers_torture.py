@@ -82,11 +82,13 @@ class Client:
         self.thread: threading.Thread | None = None
         self.runs: list[FlowRun] = []
         self.count = 0
+        self.stop = threading.Event()
 
     def connect(self, connection: str) -> None:
         connect_remote(connection, self.env, self.folder)
 
     def start(self, runs: int = 1) -> None:
+        self.stop.clear()
         self.thread = threading.Thread(target=self._loop, args=(runs,), daemon=True)
         self.thread.start()
 
@@ -97,6 +99,8 @@ class Client:
 
     def _loop(self, runs: int) -> None:
         for _ in range(runs):
+            if self.stop.is_set():
+                return
             self.count += 1
             run = FlowRun(f"{self.name}#{self.count}")
             self.runs.append(run)
@@ -197,23 +201,35 @@ class Runtime:
         return [pid for pid in runtime_processes((str(self.work),)) if pid != mount]
 
     def kill(self, clients: list[Client]) -> float:
-        """The runtime dies: everything SIGKILLed at once, local disk wiped, a new machine. Returns when."""
-        victims = runtime_processes((str(self.work),))
-        for proc in self.helpers:
-            if proc.poll() is None:
-                victims += [proc.pid] + [p.pid for p in procs.descendants(proc.pid)]
+        """The runtime dies: everything SIGKILLed at once, local disk wiped, a new machine. Returns when.
+
+        Everything is stopped (SIGSTOP) before anything is killed, until no new process shows up: a
+        process killed first would leave its children (a guest under proot, a service `up` was
+        starting) to init, where no marker finds them."""
         for client in clients:
-            if client.current is not None and client.current.poll() is None:
-                victims += [client.current.pid] + [p.pid for p in procs.descendants(client.current.pid)]
+            client.stop.set()
         died = time.time()
-        for pid in dict.fromkeys(victims):
+        frozen: list[int] = []
+        for _ in range(20):
+            found = runtime_processes((str(self.work),))
+            roots = [proc.pid for proc in self.helpers if proc.poll() is None]
+            roots += [client.current.pid for client in clients
+                      if client.current is not None and client.current.poll() is None]
+            found += roots + [p.pid for pid in roots for p in procs.descendants(pid)]
+            new = [pid for pid in dict.fromkeys(found) if pid not in frozen and pid != os.getpid()]
+            if not new:
+                break
+            for pid in new:
+                procs.send(pid, signal.SIGSTOP)
+            frozen += new
+        for pid in frozen:
             procs.send(pid, signal.SIGKILL)
         for client in clients:
             client.kill()
         for proc in self.helpers:
             proc.wait(30)
         self.helpers.clear()
-        procs.wait_gone(victims, 30)
+        procs.wait_gone(frozen, 30)
         self.mount.kill()
         shutil.rmtree(self.local, ignore_errors=True)
         shutil.rmtree(self.sockets, ignore_errors=True)  # /tmp is local disk too
