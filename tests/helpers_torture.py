@@ -76,7 +76,8 @@ class Client:
 
     def __init__(self, name: str, folder: Path, ledger: Ledger, finished: Finished) -> None:
         self.name, self.folder = name, folder
-        self.env = remote_env(folder / "home")
+        # `installer connect` and the flows import this tree, whatever the installed package is.
+        self.env = {**remote_env(folder / "home"), "PYTHONPATH": str(REPO)}
         self.ledger, self.finished = ledger, finished
         self.current: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
