@@ -134,6 +134,8 @@ def read_connection_file(root: Path) -> dict[str, Any] | None:
         return None
     except OSError as exc:
         raise ConnectError(f"cannot read {path}: {exc}", hint="check the folder is mounted and readable") from exc
+    if not text.strip():  # its name reached Google Drive, its content did not: `up` writes it again
+        return None
     try:
         record = json.loads(text)
     except ValueError as exc:

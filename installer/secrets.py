@@ -3,7 +3,8 @@
 A secret file holds one line: a URL-safe random string. It is created with
 mode 0600 inside a 0700 folder, and written atomically (temporary file in the
 same folder, fsync, rename) so that a reader never sees a half-written value
-and a crash never leaves an empty file behind. Readers that cache a secret can
+and a crash never leaves an empty file behind (where a crash still can, on Google Drive, an empty
+file found later is replaced: see `_left_empty`). Readers that cache a secret can
 watch the file's (mtime, inode): every write replaces the inode.
 """
 
@@ -13,6 +14,7 @@ import errno
 import os
 import secrets as _random
 import stat
+import time
 from pathlib import Path
 
 from .errors import ConfigError, StackError
@@ -134,6 +136,9 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
     published with a hard link, which fails if another process got there first.
     """
     path = Path(path)
+    if _left_empty(path):
+        write_secret(path, new_secret(nbytes))
+        return read_secret(path)
     existing = _read_if_present(path)
     if existing is not None:
         return existing
@@ -155,6 +160,23 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> str:
         temp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     return value
+
+
+# A writer fills the file it created within this long (a local write after the create returned).
+_EMPTY_FOR_S = 1.0
+
+
+def _left_empty(path: Path) -> bool:
+    """A secret file with nothing in it, for longer than any writer takes: what a machine that died
+    between creating the file and writing it leaves. On Google Drive a file's name and its content
+    are uploaded separately and either can be lost with the runtime, so the next runtime can find the
+    name alone. It holds no secret to keep: a new one replaces it. A file with anything in it is
+    never replaced (a broken value is reported)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0 and time.time() - info.st_mtime > _EMPTY_FOR_S
 
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}

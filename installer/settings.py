@@ -297,10 +297,19 @@ def _normalise_registry(url: str) -> str:
 
 def _read_saved(root: Path) -> dict[str, Any]:
     try:
-        data = json.loads((root / "state" / SAVED_FILE).read_text())
+        text = (root / "state" / SAVED_FILE).read_text()
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read the saved settings {root / 'state' / SAVED_FILE}: {exc}",
+                          hint="delete that file; the next `up` writes it again") from None
+    if not text.strip():
+        # What a runtime that died leaves on Google Drive when the file's name reached Google and its
+        # content did not: nothing was saved.
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
         raise ConfigError(f"cannot read the saved settings {root / 'state' / SAVED_FILE}: {exc}",
                           hint="delete that file; the next `up` writes it again") from None
     return {k: v for k, v in data.items() if k in _BY_NAME and k not in _NOT_SAVED and isinstance(v, str)}

@@ -105,7 +105,7 @@ class _Snapshotter(threading.Thread):
         return self.current is not None and self.current.poll() is None
 
 
-def _stack_processes(markers: tuple[str, ...]) -> list[int]:
+def runtime_processes(markers: tuple[str, ...]) -> list[int]:
     """Every process of the stack: those naming its folders, and everything they started (the guests
     under proot name only their own paths)."""
     roots = [p.pid for p in procs.all_processes()
@@ -171,7 +171,7 @@ def metaflow_round(work: Path, flags: dict, rng: random.Random, *, min_runs: int
         return _metaflow_round(work, flags, rng, min_runs, max_wait, mount, snapshot_every, after_run, inspect)
     finally:
         # A round that failed half-way must not leave its stack running (every process names `work`).
-        leftovers = _stack_processes((str(work),))
+        leftovers = runtime_processes((str(work),))
         for pid in leftovers:
             procs.send(pid, signal.SIGKILL)
         procs.wait_gone(leftovers, 30)
@@ -216,7 +216,7 @@ def _metaflow_round(work: Path, flags: dict, rng: random.Random, min_runs: int, 
     if snapshotter is not None:
         snapshotter.stop.set()
         mid_snapshot = mid_snapshot or snapshotter.busy()
-    victims = _stack_processes((flags["root"], str(work / "machine1-pgdata")))
+    victims = runtime_processes((flags["root"], str(work / "machine1-pgdata")))
     if snapshotter is not None and snapshotter.busy():
         victims.append(snapshotter.current.pid)
     if mount is not None and mount.proc is not None:
@@ -293,26 +293,44 @@ print(json.dumps(runs))
 """
 
 
-def check_client_and_ui_agree(flags: dict, env: dict[str, str], cwd: Path, flow: str = "TickFlow") -> dict:
-    """Every run the client calls successful has every artifact and log readable, and the UI's status
-    of every run agrees with the client's: completed exactly when successful. Returns the client's view."""
+def client_view(env: dict[str, str], cwd: Path, flow: str = "TickFlow") -> dict:
+    """Every run of `flow` as the Metaflow client sees it: {run id: {successful, finished, unreadable}},
+    where unreadable lists the artifacts and logs of a successful run that could not be read."""
     done = subprocess.run([sys.executable, "-c", _CLIENT_VIEW % flow], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=300)
     if done.returncode != 0 and "MetaflowNotFound" in done.stderr:
         return {}
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ui_endpoint(flags: dict, wait: float = 180.0) -> tuple[str, str]:
+    """The UI API's base URL through the entry point and the token, once the UI backend answers."""
     settings = resolve(flags)
     token = settings.token_file.read_text().strip()
     base = f"http://127.0.0.1:{settings.port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + wait
     while requests.get(f"{base}/api/ping", headers={"x-api-key": token}, timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the UI backend did not answer within 180 s of the restore"
+        assert time.monotonic() < deadline, f"the UI backend did not answer within {wait:.0f} s"
         time.sleep(0.5)
+    return f"{base}/api", token
+
+
+def ui_run_status(api: str, token: str, flow: str, run: str) -> str:
+    answer = requests.get(f"{api}/flows/{flow}/runs/{run}", headers={"x-api-key": token}, timeout=60)
+    assert answer.status_code == 200, (run, answer.status_code, answer.text[:300])
+    return answer.json()["data"]["status"]
+
+
+def check_client_and_ui_agree(flags: dict, env: dict[str, str], cwd: Path, flow: str = "TickFlow") -> dict:
+    """Every run the client calls successful has every artifact and log readable, and the UI's status
+    of every run agrees with the client's: completed exactly when successful. Returns the client's view."""
+    runs = client_view(env, cwd, flow)
+    if not runs:
+        return {}
+    api, token = ui_endpoint(flags)
     for run, view in runs.items():
         assert not view["unreadable"], (run, view)
-        answer = requests.get(f"{base}/api/flows/{flow}/runs/{run}", headers={"x-api-key": token}, timeout=60)
-        assert answer.status_code == 200, (run, answer.status_code, answer.text[:300])
-        status = answer.json()["data"]["status"]
+        status = ui_run_status(api, token, flow, run)
         assert (status == "completed") == view["successful"], (run, status, view)
     return runs

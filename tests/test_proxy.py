@@ -153,6 +153,20 @@ def test_secret_rejects_bad_values_and_tightens_mode(tmp_path):
         read_or_create_secret(path)  # a broken file is reported, never silently replaced
 
 
+def test_an_empty_secret_file_left_by_a_dead_runtime_is_replaced(tmp_path):
+    """On Google Drive a file's name can reach Google without its content; the next runtime finds an
+    empty token file. It holds nothing to keep, so `up` gets a new token instead of failing forever."""
+    path = tmp_path / "token"
+    path.touch()
+    long_ago = time.time() - 60
+    os.utime(path, (long_ago, long_ago))
+    value = read_or_create_secret(path)
+    assert len(value) >= 16 and read_secret(path) == value and read_or_create_secret(path) == value
+    path.write_text("")  # just created: a writer may be about to fill it
+    with pytest.raises(ConfigError):
+        read_or_create_secret(path)
+
+
 # ------------------------------------------------------------------------------------------------
 # a real flow through the proxy
 # ------------------------------------------------------------------------------------------------
