@@ -364,7 +364,7 @@ def _pull_images(stack: _Stack, progress: Progress) -> str:
     for number, service in enumerate(todo, 1):
         stack.udocker.ensure_container(service.image, service.container,
                                        lambda line, n=number: progress(f"({n} of {len(todo)}) {line}"))
-    parts = [f"pulled {pull_summary(found)}" if found else "nothing to pull"]
+    parts = [f"pulled {len(found)} ({pull_summary(found)})" if found else "nothing to pull"]
     if todo:
         parts.append(f"created {len(todo)} container(s)")
     return ", ".join(parts)

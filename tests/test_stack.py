@@ -40,7 +40,7 @@ def test_empty_root_to_tracked_run_and_back(tmp_path: Path, registry: str) -> No
         assert status.running, status
         steps = {step["step"]: step for step in status.steps}
         detail = steps["images"]["detail"]
-        assert detail.startswith("pulled "), detail
+        assert detail.startswith("pulled 2 ("), detail
         assert "postgres:" in detail and "metaflow_metadata_service:" in detail, detail
         assert detail.endswith("created 2 container(s)"), detail
         assert [s.name for s in status.services] == ["postgres", "metadata", "ui-backend", "objectstore",
