@@ -100,7 +100,7 @@ class Client:
                 answer = self.session.request(method, f"{self.url}{path}", headers=headers, stream=stream,
                                               timeout=self.timeout, allow_redirects=True)
             except requests.RequestException as exc:
-                raise Refused(f"{self.url} did not answer ({_reason(exc)})", kind="unreachable") from exc
+                raise Refused(f"{self.url} did not answer ({network_reason(exc)})", kind="unreachable") from exc
             if answer.status_code != 401 or attempt:
                 return answer
             challenge = answer.headers.get("WWW-Authenticate", "")
@@ -122,7 +122,7 @@ class Client:
         try:
             answer = self.session.get(fields["realm"], params=query, auth=auth, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise Refused(f"the token service of {self.url} did not answer ({_reason(exc)})",
+            raise Refused(f"the token service of {self.url} did not answer ({network_reason(exc)})",
                           kind="unreachable") from exc
         if answer.status_code in (401, 403):
             raise Refused(f"{self.url} refused the login" + (f" of {self.credentials.user}" if self.credentials
@@ -213,7 +213,7 @@ class Client:
                               kind="broken", hint="pull again; if it persists, that registry serves damaged data")
             partial.replace(target)
         except requests.RequestException as exc:
-            raise Refused(f"downloading layer {blob.digest} from {self.url} broke off ({_reason(exc)})",
+            raise Refused(f"downloading layer {blob.digest} from {self.url} broke off ({network_reason(exc)})",
                           kind="unreachable", hint="run `up` again: finished layers are kept") from exc
         except OSError as exc:
             raise ImageError(f"cannot write layer {blob.digest} under {target.parent}: {exc.strerror}",
@@ -259,7 +259,8 @@ def _retry_in(headers: requests.structures.CaseInsensitiveDict) -> float | None:
     return None
 
 
-def _reason(exc: requests.RequestException) -> str:
+def network_reason(exc: requests.RequestException) -> str:
+    """Why a request failed, in words a user can act on."""
     text = str(exc)
     for marker, reason in (("Name or service not known", "cannot resolve its host name"),
                            ("Temporary failure in name resolution", "cannot resolve its host name"),

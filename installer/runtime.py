@@ -29,7 +29,7 @@ from . import procs
 from .errors import ImageError, RuntimeUnavailable, StackError
 from .pulls import (DEFAULT_MIRRORS, PARALLEL_LAYERS, Located, Source, fetch_layers, front_url, locate,
                     loopback_registry, parse_source)
-from .registry import Credentials
+from .registry import Credentials, network_reason
 from .transfer import Meter
 
 Progress = Callable[[str], None]
@@ -325,7 +325,7 @@ def check_registry(registry: str) -> None:
     try:
         answer = requests.get(f"{registry}/v2/", timeout=5)
     except requests.RequestException as exc:
-        raise ImageError(f"the registry {registry} is not answering ({_reason(exc)})",
+        raise ImageError(f"the registry {registry} is not answering ({network_reason(exc)})",
                          hint="start it (`bash scripts/local_registry.sh start`; `bash scripts/offline_up.sh` "
                               "does it for you) or check --registry (MF_REGISTRY)") from exc
     if answer.status_code not in (200, 401):
@@ -404,7 +404,7 @@ def check_sources(mirrors: Sequence[str], timeout: float = 5.0) -> None:
             return
         except requests.RequestException as exc:
             label = f"Docker Hub ({source.url})" if source.url == DOCKER_HUB_REGISTRY else source.label
-            reasons.append(f"{label} cannot be reached ({_reason(exc)})")
+            reasons.append(f"{label} cannot be reached ({network_reason(exc)})")
     raise ImageError("; ".join(reasons), hint=_OFFLINE_HINT)
 
 
@@ -420,7 +420,7 @@ def check_docker_hub(timeout: float = 5.0) -> None:
     try:
         requests.get(f"{DOCKER_HUB_REGISTRY}/v2/", timeout=timeout)
     except requests.RequestException as exc:
-        raise ImageError(f"Docker Hub ({DOCKER_HUB_REGISTRY}) cannot be reached ({_reason(exc)})",
+        raise ImageError(f"Docker Hub ({DOCKER_HUB_REGISTRY}) cannot be reached ({network_reason(exc)})",
                          hint=_OFFLINE_HINT) from exc
 
 
@@ -433,7 +433,7 @@ def check_image_in_registry(registry: str, ref: str, timeout: float = 5.0) -> No
         answer = requests.head(f"{registry}/v2/{remote}/manifests/{tag}", timeout=timeout,
                                headers={"Accept": _MANIFEST_TYPES})
     except requests.RequestException as exc:
-        raise ImageError(f"the registry {registry} did not answer for {ref} ({_reason(exc)})",
+        raise ImageError(f"the registry {registry} did not answer for {ref} ({network_reason(exc)})",
                          hint="check --registry") from exc
     if answer.status_code == 404:
         raise ImageError(f"image {ref} is not in {registry} (no {remote}:{tag} there)",
@@ -444,17 +444,6 @@ def clean_pull_errors(lines: Sequence[str]) -> str:
     """udocker's error lines once each, without its unfilled `%s` placeholders."""
     cleaned = [" ".join(line.replace("%s", " ").split()) for line in lines]
     return "\n".join(dict.fromkeys(line for line in cleaned if line))
-
-
-def _reason(exc: requests.RequestException) -> str:
-    text = str(exc)
-    for marker, reason in (("Name or service not known", "cannot resolve its host name"),
-                           ("Temporary failure in name resolution", "cannot resolve its host name"),
-                           ("Unable to connect to proxy", "the proxy refused the connection"),
-                           ("Connection refused", "connection refused"), ("timed out", "timed out")):
-        if marker in text:
-            return reason
-    return type(exc).__name__
 
 
 _OFFLINE_HINT = ("without internet, run `bash scripts/offline_up.sh` (it builds the images and serves them "

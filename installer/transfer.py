@@ -42,6 +42,9 @@ class Transfer(str):
         return min(1.0, self.done / self.total) if self.total else 1.0
 
 
+SETTLE_SECONDS = 2.0
+
+
 class Meter:
     """Counts bytes from several threads and reports a Transfer at most every `every` seconds."""
 
@@ -80,5 +83,7 @@ class Meter:
             self._samples.pop(0)
         (then, before) = self._samples[0]
         rate = (self.done - before) / (now - then) if now > then else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else None
+        # A rate over the first moments is noise ("27 h left" for a 15 s unpack): no estimate yet.
+        settled = now - self._began >= SETTLE_SECONDS
+        left = (self.total - self.done) / rate if rate > 0 and settled else None
         return Transfer(self.what, self.done, self.total, rate, left)

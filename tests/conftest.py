@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from . import helpers_edge as he
+
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = os.environ.get("MFSTACK_TEST_REGISTRY", "http://127.0.0.1:5000")
 PRODUCTION_IMAGES = json.loads((REPO / "images" / "production.json").read_text())
@@ -123,3 +125,11 @@ def dest(workdir: Path) -> Path:
     path = workdir / "drive"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[he.Recorder]:
+    """A backend that records every request that reached it, for one test module."""
+    rec = he.start_recorder()
+    yield rec
+    rec.stop()

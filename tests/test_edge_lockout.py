@@ -84,13 +84,6 @@ def _start(workdir: Path, recorder: he.Recorder, extra: tuple[str, ...] = ()) ->
 
 
 @pytest.fixture(scope="module")
-def recorder() -> Iterator[he.Recorder]:
-    rec = he.start_recorder()
-    yield rec
-    rec.stop()
-
-
-@pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory, recorder: he.Recorder) -> Iterator[Edge]:
     stack = _start(tmp_path_factory.mktemp("lockout"), recorder)
     yield stack

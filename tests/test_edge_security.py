@@ -48,13 +48,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def recorder() -> Iterator[he.Recorder]:
-    rec = he.start_recorder()
-    yield rec
-    rec.stop()
-
-
-@pytest.fixture(scope="module")
 def edge(workdir: Path, recorder: he.Recorder) -> Iterator[hp.ProxyProcess]:
     """A proxy whose metadata service and UI backend are the recorder."""
     proxy = hp.start_proxy(workdir, metadata_url=recorder.url, ui_url=recorder.url,

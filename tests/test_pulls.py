@@ -26,7 +26,7 @@ from installer.errors import ImageError
 from installer.output import Printer
 from installer.registry import Credentials
 from installer.stack import Event
-from installer.transfer import Transfer
+from installer.transfer import SETTLE_SECONDS, Meter, Transfer
 from tests.conftest import PRODUCTION_IMAGES, REPO, free_port, stack_flags
 from tests.registry_front import Behaviour, running
 
@@ -168,7 +168,7 @@ def test_up_logs_in_pulls_through_a_slow_link_and_keeps_the_credentials_out_of_e
         tmp_path: Path, registry: str) -> None:
     """The real `up` from the command line: Docker Hub's anonymous limit is used up, the given account gets through."""
     password = "pw-" + secrets.token_hex(12)
-    hub = Behaviour(upstream=registry, anonymous_pulls=0, users={"mfuser": password}, rate=60e6)
+    hub = Behaviour(upstream=registry, anonymous_pulls=0, users={"mfuser": password}, rate=30e6)
     spare = Behaviour(upstream=registry)
     flags = stack_flags(tmp_path / "root", registry, tmp_path / "udocker")
     del flags["registry"]
@@ -189,7 +189,7 @@ def test_up_logs_in_pulls_through_a_slow_link_and_keeps_the_credentials_out_of_e
             installer.down(**flags)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert re.search(rf"ok images +pulled {re.escape(PG)} from {h.url}; {re.escape(SVC)} from {h.url}, "
+    assert re.search(rf"ok images +pulled 2 \({re.escape(PG)} from {h.url}; {re.escape(SVC)} from {h.url}\), "
                      r"created 2 container\(s\)", out), out
     # Plain lines (no terminal): the bytes, the rate and the time left, then the total.
     assert re.search(r"images +pulling [\d.]+ [MG]B of [\d.]+ MB \(\d+%\), [\d.]+ MB/s, [\d.]+ s left", out), out
@@ -211,6 +211,18 @@ def test_up_logs_in_pulls_through_a_slow_link_and_keeps_the_credentials_out_of_e
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def test_time_left_is_not_guessed_from_the_first_moments() -> None:
+    now = [0.0]
+    seen: list[Transfer] = []
+    meter = Meter("unpacking", 450_000_000, seen.append, every=0.0, clock=lambda: now[0])
+    now[0] = 0.5
+    meter.add(4_500)
+    now[0] = SETTLE_SECONDS + 1.0
+    meter.add(60_000_000)
+    assert seen[0].left is None and "left" not in seen[0], seen[0]
+    assert seen[1].left is not None and seen[1].endswith(" s left"), seen[1]
 
 
 def test_progress_is_one_redrawn_line_on_a_terminal_and_plain_lines_otherwise() -> None:
