@@ -79,7 +79,7 @@ from .s3auth import (
 )
 
 __all__ = ["BUCKET", "DATA_ROOT_PREFIX", "DEFAULT_MAX_BODY", "PROXY_PREFIX", "StoreConfig",
-           "datastore_root", "main", "objectstore_service_argv", "serve", "socket_path", "store_answers",
+           "datastore_root", "empty_marker", "main", "objectstore_service_argv", "serve", "socket_path", "store_answers",
            "ui_backend_env"]
 
 log = logging.getLogger("installer.objectstore")
@@ -89,6 +89,18 @@ DATA_ROOT_PREFIX = "data"                 # METAFLOW_DATASTORE_SYSROOT_S3 = s3:/
 PROXY_PREFIX = "/s3"                      # the route on the stack's one port
 DEFAULT_MAX_BODY = 512 * 1024 * 1024
 _READ_BLOCK = 1024 * 1024
+
+
+# An object stored empty on purpose has this marker beside it. Drive uploads a file's name and its
+# content independently: a runtime that dies can leave an object's name on Google with none of its
+# content, which reads as an empty object. The marker tells "written empty" from "content lost".
+# LocalBucket hides names with its temporary-file prefix from listings.
+_EMPTY_MARKER_PREFIX = localbucket.TEMP_PREFIX + "empty--"
+
+
+def empty_marker(path: Path) -> Path:
+    """The marker that says the object at `path` was written empty."""
+    return path.with_name(_EMPTY_MARKER_PREFIX + path.name)
 
 
 def datastore_root() -> str:
@@ -356,6 +368,21 @@ class _Handler(localbucket.S3Handler):
             log.warning("%s %s failed: %s", self.command, urlsplit(self.path).path, exc.__class__.__name__)
             self._send_error(localbucket.S3Error(HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError",
                                                  "the store could not complete this request"))
+
+    def _write_object(self, bucket: str, key: str, write: Callable[[BinaryIO], str]) -> str:
+        marker = empty_marker(self._object_path(bucket, key))
+        marker.unlink(missing_ok=True)
+        etag = super()._write_object(bucket, key, write)
+        if self._object_path(bucket, key).stat().st_size == 0:
+            try:
+                marker.touch()
+            except OSError as exc:  # a name too long for a marker: the object reads as possibly torn
+                log.info("no empty-object marker for %s: %s", key, exc.__class__.__name__)
+        return etag
+
+    def _delete_object(self, bucket: str, key: str) -> None:
+        empty_marker(self._object_path(bucket, key)).unlink(missing_ok=True)
+        super()._delete_object(bucket, key)
 
     def _read_body(self) -> bytes:
         self._body_pending = False  # read now, or the request fails and the connection closes

@@ -8,8 +8,11 @@ artifact) while the UI, which trusts `attempt_ok`, shows it "Completed" with no 
 
 So the first start after a restore checks the tasks that finished in the last `WINDOW_S` seconds
 of the restored data (older files had that long to be uploaded before the runtime died) against
-the object store: every artifact's object, the attempt's DONE marker and its log. A task with
-anything missing is marked lost, and so is its run:
+the object store: every artifact's object, the attempt's DONE marker, its artifact index
+(`data.json`) and its log, none of them empty unless the store recorded it as written empty (Drive
+can deliver a file's name without its content), and every artifact of the index registered in the
+database (Metaflow records `attempt_ok` before it registers the artifacts, one row at a time). A
+task with anything missing is marked lost, and so is its run:
 
 - its `attempt_ok` becomes False: the UI shows the task, and the run through its `end` task, as
   failed;
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from .objectstore import empty_marker
 
 WINDOW_S = 600.0
 LOST_FIELD = "mfstack-data-lost"
@@ -164,11 +169,17 @@ def _object_path(objects_dir: Path, url: str) -> Path | None:
 class _Needed:
     what: str
     paths: tuple[Path, ...]   # any one of them, present
-    nonempty: bool
 
 
-def _files_of(conn: psycopg.Connection[Any], attempt: _Attempt, objects_dir: Path) -> list[_Needed] | None:
-    """The files a finished attempt needs in the object store, or None when they are not kept there."""
+@dataclass(frozen=True)
+class _TaskFiles:
+    needed: list[_Needed]
+    index: Path                  # the attempt's data.json: every artifact the task stored
+    registered: frozenset[str]   # the artifacts the database knows for the attempt
+
+
+def _files_of(conn: psycopg.Connection[Any], attempt: _Attempt, objects_dir: Path) -> _TaskFiles | None:
+    """What a finished attempt needs in the object store, or None when its files are not kept there."""
     flow, run_number, step, task_id = attempt.keys
     row = conn.execute(
         "SELECT value FROM metadata_v3 WHERE flow_id = %s AND run_number = %s AND step_name = %s AND task_id = %s"
@@ -180,11 +191,13 @@ def _files_of(conn: psycopg.Connection[Any], attempt: _Attempt, objects_dir: Pat
     if task_dir is None:
         return None
     prefix = f"{attempt.attempt}."
+    index = task_dir / f"{prefix}data.json"
     needed = [
-        _Needed("its DONE marker", (task_dir / f"{prefix}DONE.lock",), nonempty=False),
-        _Needed("its log", (task_dir / f"{prefix}runtime_stdout.log", task_dir / f"{prefix}task_stdout.log"),
-                nonempty=False),
+        _Needed("its DONE marker", (task_dir / f"{prefix}DONE.lock",)),
+        _Needed("its artifact index", (index,)),
+        _Needed("its log", (task_dir / f"{prefix}runtime_stdout.log", task_dir / f"{prefix}task_stdout.log")),
     ]
+    registered = set()
     for name, location, sha in conn.execute(
             "SELECT name, location, sha FROM artifact_v3 WHERE flow_id = %s AND run_number = %s"
             " AND step_name = %s AND task_id = %s AND attempt_id = %s ORDER BY name",
@@ -193,10 +206,11 @@ def _files_of(conn: psycopg.Connection[Any], attempt: _Attempt, objects_dir: Pat
             url = f"{location[6:].rstrip('/')}/{flow}/data/{(sha or '')[:2]}/{sha}"
         else:
             url = location
+        registered.add(name)
         path = _object_path(objects_dir, url)
         if path is not None:
-            needed.append(_Needed(f"artifact {name}", (path,), nonempty=True))
-    return needed
+            needed.append(_Needed(f"artifact {name}", (path,)))
+    return _TaskFiles(needed, index, frozenset(registered))
 
 
 def _present(needed: _Needed) -> bool:
@@ -205,17 +219,30 @@ def _present(needed: _Needed) -> bool:
             size = path.stat().st_size
         except OSError:
             continue
-        if size > 0 or not needed.nonempty:
+        if size > 0 or empty_marker(path).exists():
             return True
     return False
 
 
-def _missing_files(checks: dict[_Attempt, list[_Needed]]) -> dict[_Attempt, list[str]]:
+def _unregistered(files: _TaskFiles) -> list[str]:
+    """The artifacts the attempt's index lists that the database does not know."""
+    try:
+        stored = json.loads(files.index.read_bytes())["objects"]
+        names = set(stored) if isinstance(stored, dict) else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # an index that is missing or torn is reported as missing
+    return [f"the registration of artifact {name}" for name in sorted(names - files.registered)]
+
+
+def _missing_files(checks: dict[_Attempt, _TaskFiles]) -> dict[_Attempt, list[str]]:
     """What each attempt lacks; every file is looked at once, many at a time (Drive is slow per file)."""
-    unique = {needed for files in checks.values() for needed in files}
+    unique = {needed for files in checks.values() for needed in files.needed}
+    attempts = list(checks)
     with ThreadPoolExecutor(max_workers=_PARALLEL_CHECKS) as pool:
         present = dict(zip(unique, pool.map(_present, unique)))
-    return {attempt: [needed.what for needed in files if not present[needed]] for attempt, files in checks.items()}
+        unregistered = dict(zip(attempts, pool.map(lambda attempt: _unregistered(checks[attempt]), attempts)))
+    return {attempt: [needed.what for needed in checks[attempt].needed if not present[needed]]
+            + unregistered[attempt] for attempt in attempts}
 
 
 def _mark_lost(conn: psycopg.Connection[Any], attempt: _Attempt, reasons: list[str]) -> None:

@@ -2,9 +2,12 @@
 and the Metaflow client and the UI say the same of every run (the real stack, real flows).
 
 The torn state is made by hand, the way a runtime that died leaves it on Drive: the database (its
-WAL) arrived, some of the runs' objects did not. Three runs of StampFlow, each writing artifacts
-unique to it: the first stays whole; the second loses the object of one task's artifact; the third
-loses its end task's log. A new machine then restores the database.
+WAL) arrived, some of the runs' objects did not. Five runs of StampFlow, each writing artifacts
+unique to it: the first stays whole (its silent steps' logs are empty on purpose); the second loses
+the object of one task's artifact; the third loses its end task's log; the fourth gets that log's
+name without its content (an empty file, as Drive leaves a renamed file whose content was not
+uploaded); the fifth has its end task's `attempt_ok` but only part of its artifacts' rows (Metaflow
+records `attempt_ok` first, then the artifacts one row at a time). A new machine then restores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import psycopg
 import requests
 
 import installer
+from installer.objectstore import empty_marker
 from installer.reconcile import LOST_FIELD
 from installer.settings import resolve
 from installer.stack import dsn
@@ -69,19 +73,30 @@ def test_runs_whose_objects_were_lost_are_shown_failed_by_client_and_ui_alike(st
     client = tmp_path / "client"
     env = remote_env(client / "home")
     connect_remote(installer.connection(**stack), env, client)
-    whole, torn_artifact, torn_log = (run_id_of(run_flow("stamp_flow.py", env, client)) for _ in range(3))
+    whole, torn_artifact, torn_log, emptied_log, unregistered = (
+        run_id_of(run_flow("stamp_flow.py", env, client)) for _ in range(5))
     settings = resolve(stack)
     password = (settings.secrets_dir / "db_password").read_text().strip()
     bucket = settings.objects_dir / "metaflow" / "data" / "StampFlow"
     with psycopg.connect(dsn(settings, password)) as conn:
         sha = conn.execute("SELECT sha FROM artifact_v3 WHERE flow_id = 'StampFlow' AND run_number = %s"
                            " AND name = 'piece' ORDER BY task_id LIMIT 1", (int(torn_artifact),)).fetchone()[0]
+        conn.execute("DELETE FROM artifact_v3 WHERE flow_id = 'StampFlow' AND run_number = %(run)s"
+                     " AND step_name = 'end' AND name <> (SELECT name FROM artifact_v3 WHERE flow_id = 'StampFlow'"
+                     " AND run_number = %(run)s AND step_name = 'end' ORDER BY ts_epoch, name LIMIT 1)",
+                     {"run": int(unregistered)})
     assert installer.down(**stack)  # the final snapshot holds all three runs
 
     (bucket / "data" / sha[:2] / sha).unlink()
     end_logs = list((bucket / torn_log / "end").glob("*/0.runtime_stdout.log"))
     assert len(end_logs) == 1
     end_logs[0].unlink()
+    (emptied,) = (bucket / emptied_log / "end").glob("*/0.runtime_stdout.log")
+    emptied.write_bytes(b"")
+    # The store marked the logs written empty on purpose (the silent start step's), not the emptied one.
+    (silent_start,) = (bucket / whole / "start").glob("*/0.runtime_stdout.log")
+    assert silent_start.stat().st_size == 0 and empty_marker(silent_start).exists()
+    assert not empty_marker(emptied).exists()
 
     # A new machine: an empty data folder, the same MF_ROOT (objects and snapshots).
     restored = {**stack, "pgdata_dir": str(tmp_path / "machine2-pgdata")}
@@ -90,22 +105,26 @@ def test_runs_whose_objects_were_lost_are_shown_failed_by_client_and_ui_alike(st
         assert status.running and status.restored, status
         detail = {step["step"]: step["detail"] for step in status.steps}["postgres"]
         assert f"StampFlow/{torn_artifact}" in detail and f"StampFlow/{torn_log}" in detail, detail
+        assert f"StampFlow/{emptied_log}" in detail and f"StampFlow/{unregistered}" in detail, detail
         assert f"StampFlow/{whole}," not in detail and not detail.endswith(f"StampFlow/{whole}"), detail
 
         runs = client_view(env, client)
         assert runs[whole]["successful"] and runs[whole]["finished"] and not runs[whole]["lost"]
         assert any(f"stamp run {whole}" in out for out in runs[whole]["stdout"])
-        for run in (torn_artifact, torn_log):
+        for run in (torn_artifact, torn_log, emptied_log, unregistered):
             assert not runs[run]["successful"] and not runs[run]["finished"], runs[run]
             assert runs[run]["lost"], runs[run]
         assert any("artifact piece" in why for why in runs[torn_artifact]["lost"].values())
         assert any("its log" in why for why in runs[torn_log]["lost"].values())
+        assert any("its log" in why for why in runs[emptied_log]["lost"].values())
+        assert any("registration of artifact" in why for why in runs[unregistered]["lost"].values())
 
         base = installer.connection(**restored).split("/?token=")[0]
         token = settings.token_file.read_text().strip()
         assert ui_status(base, token, whole) == "completed"
         assert ui_status(base, token, torn_artifact) == "failed"
-        assert ui_status(base, token, torn_log) == "failed"
+        for run in (torn_log, emptied_log, unregistered):
+            assert ui_status(base, token, run) == "failed"
 
         # The store never points at what is not there: every artifact row left has its object.
         with psycopg.connect(dsn(settings, password)) as conn:
@@ -113,10 +132,10 @@ def test_runs_whose_objects_were_lost_are_shown_failed_by_client_and_ui_alike(st
             lost_rows = conn.execute("SELECT count(*) FROM metadata_v3 WHERE field_name = %s",
                                      (LOST_FIELD,)).fetchone()[0]
         assert all((bucket / "data" / row[0][:2] / row[0]).is_file() for row in left)
-        assert lost_rows == 3  # the second run's torn part task and its end task; the third run's end task
+        assert lost_rows == 5  # the second run's torn part task and its end task; the end task of each other
 
         # New runs get new ids and finish.
         after = run_id_of(run_flow("stamp_flow.py", env, client))
-        assert int(after) > max(int(whole), int(torn_artifact), int(torn_log))
+        assert int(after) > max(int(run) for run in (whole, torn_artifact, torn_log, emptied_log, unregistered))
     finally:
         installer.down(**restored)
