@@ -169,8 +169,6 @@ class _EdgeProtocol(web_protocol.RequestHandler):
                 if self._tail and self._head_timer is None and not self._force_close:
                     self._head_timer = self._loop.call_later(self._limits.head_deadline, self._head_expired)
                 self._tail = False
-        self._tail = False                 # bytes of a next request arrived with the end of the last one
-        self._body_left: int | None = 0    # bytes of the last request's body still to come (None: chunked)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
