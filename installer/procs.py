@@ -167,6 +167,24 @@ def alive(pid: int | None) -> bool:
     return proc_info(pid) is not None
 
 
+def pid_file_owner(path: Path, program: str) -> int | None:
+    """The pid on the first line of `path` if that process runs `program`, else None.
+
+    A pid file can outlive its process (a data folder copied, restored or left by a machine that
+    died), and the pid can belong to any process since: never signal one without this check."""
+    try:
+        pid = int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    _reap_children()
+    info = proc_info(pid)
+    if info is None or not info.cmdline:
+        return None
+    return pid if Path(info.cmdline[0]).name == program else None
+
+
 def all_processes() -> list[ProcInfo]:
     found = []
     for entry in os.listdir("/proc"):

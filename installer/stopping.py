@@ -33,7 +33,7 @@ def stop(service: Service, pid: int | None, pgdata: Path) -> None:
         if pid is not None:
             procs.terminate(pid, STOP_TIMEOUT)
     elif service.stop is StopPolicy.POSTMASTER:
-        postmaster = _postmaster_pid(pgdata)
+        postmaster = procs.pid_file_owner(pgdata / "postmaster.pid", "postgres")
         if postmaster is not None:
             procs.send(postmaster, signal.SIGINT)
             procs.wait_gone([postmaster], STOP_TIMEOUT)
@@ -67,12 +67,3 @@ def stop(service: Service, pid: int | None, pgdata: Path) -> None:
 def _is_runtime_process(info: procs.ProcInfo) -> bool:
     head = " ".join(info.cmdline[:2])
     return "udocker" in head or "proot" in (info.cmdline[0] if info.cmdline else "")
-
-
-def _postmaster_pid(pgdata: Path) -> int | None:
-    try:
-        first = (pgdata / "postmaster.pid").read_text().splitlines()[0]
-        pid = int(first)
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if procs.alive(pid) else None

@@ -64,11 +64,7 @@ def restore(dest: Path | str, pgdata: Path | str, force: bool = False) -> Restor
 
 
 def _running_postmaster(pgdata: Path) -> int | None:
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    return pid if procs.alive(pid) else None
+    return procs.pid_file_owner(pgdata / "postmaster.pid", "postgres")
 
 
 def _restore_newest(dest: Path, pgdata: Path, occupied: bool, started: float) -> RestoreReport:
