@@ -3,7 +3,7 @@
 invariant checked after every event.
 
     python scripts/torture.py [--sequences 40] [--events 5] [--seed S] [--until HH:MM] [--keep-going]
-    python scripts/torture.py --replay 'seed=7 drive=0.1/3/2 up,flows,kill:load,up,...'
+    python scripts/torture.py --replay 'seed=7 drive=0.1/3/2 up,flows,kill:load,up,...' [--keep]
 
 Each sequence has its own Drive-like mount (tests/drivefs.py) with settings drawn for it (latency up
 to 0.2 s per operation, uploads up to 5 s late and reordered by up to 5 s more), two notebooks on
@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--until", metavar="HH:MM", help="start no sequence after this time of day")
     parser.add_argument("--keep-going", action="store_true", help="go on after a sequence with violations")
     parser.add_argument("--replay", metavar="STRING", help="run exactly this sequence (as printed)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the sequences' folders (Drive, logs, the runs' objects) to read afterwards")
     parser.add_argument("--registry", default="http://127.0.0.1:5000", help="the local registry with the images")
     args = parser.parse_args()
     if args.replay:
@@ -126,7 +128,10 @@ def main() -> int:
             if number % 5 == 0:
                 report(figures, began)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            say(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
         report(figures, began)
     return 1 if figures.violations else 0
 
