@@ -18,7 +18,15 @@ from installer.stopping import stop
 
 
 def _innocent() -> subprocess.Popen:
-    return subprocess.Popen(["sleep", "60"])
+    """A `sleep` that runs (exec done: until then its command line is still this Python's)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        info = procs.proc_info(proc.pid)
+        if info is not None and info.cmdline[:1] == ("sleep",):
+            return proc
+        time.sleep(0.01)
+    raise AssertionError("sleep did not start")
 
 
 def test_a_pid_file_names_its_process_only_if_that_process_runs_the_program(tmp_path: Path) -> None:
