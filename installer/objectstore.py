@@ -370,10 +370,12 @@ class _Handler(localbucket.S3Handler):
                                                  "the store could not complete this request"))
 
     def _write_object(self, bucket: str, key: str, write: Callable[[BinaryIO], str]) -> str:
-        marker = empty_marker(self._object_path(bucket, key))
-        marker.unlink(missing_ok=True)
-        etag = super()._write_object(bucket, key, write)
-        if self._object_path(bucket, key).stat().st_size == 0:
+        etag = super()._write_object(bucket, key, write)  # a refused write (412) leaves the marker as it was
+        target = self._object_path(bucket, key)
+        marker = empty_marker(target)
+        if target.stat().st_size > 0:
+            marker.unlink(missing_ok=True)
+        else:
             try:
                 marker.touch()
             except OSError as exc:  # a name too long for a marker: the object reads as possibly torn

@@ -28,7 +28,7 @@ from installer import s3auth
 from installer.clientconfig import NoObjectStore, ObjectStoreDown, check_object_store
 from installer.clientconfig import connect as connect_stack
 from installer.connection import format_connection
-from installer.objectstore import BUCKET, socket_path, store_answers
+from installer.objectstore import BUCKET, empty_marker, socket_path, store_answers
 from installer.s3auth import Credentials, S3AuthError, credentials_for_token, sign_headers
 from installer.secrets import rotate_secret
 
@@ -266,6 +266,27 @@ def test_objects_are_plain_files_and_survive_a_store_restart(own: S3Stack) -> No
     assert tail == large[20 * MiB:]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="keep/")["Contents"]]
     assert keys == ["keep/large.bin", "keep/small.txt"]
+
+
+def test_an_object_written_empty_has_a_hidden_marker_that_follows_its_content(shared: S3Stack) -> None:
+    """Drive can deliver an object's name without its content: the marker tells an object written
+    empty on purpose from one whose content was lost (the restore's check relies on it)."""
+    client = _good(shared)
+    key = "markers/silent.log"
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    stored = _stored(shared, key)
+    assert stored.stat().st_size == 0 and empty_marker(stored).exists()
+    # A conditional write that is refused changes neither the object nor its marker.
+    assert _code(lambda: client.put_object(Bucket=BUCKET, Key=key, Body=b"x", IfNoneMatch="*"))[0] == 412
+    assert stored.stat().st_size == 0 and empty_marker(stored).exists()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="markers/")["Contents"]]
+    assert keys == [key]
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"now it says something\n")
+    assert not empty_marker(stored).exists()
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    assert empty_marker(stored).exists()
+    client.delete_object(Bucket=BUCKET, Key=key)
+    assert not stored.exists() and not empty_marker(stored).exists()
 
 
 def test_health_says_degraded_while_the_store_is_down_and_s3_gets_502(own: S3Stack) -> None:
