@@ -237,12 +237,11 @@ def _unregistered(files: _TaskFiles) -> list[str]:
 def _missing_files(checks: dict[_Attempt, _TaskFiles]) -> dict[_Attempt, list[str]]:
     """What each attempt lacks; every file is looked at once, many at a time (Drive is slow per file)."""
     unique = {needed for files in checks.values() for needed in files.needed}
-    attempts = list(checks)
     with ThreadPoolExecutor(max_workers=_PARALLEL_CHECKS) as pool:
         present = dict(zip(unique, pool.map(_present, unique)))
-        unregistered = dict(zip(attempts, pool.map(lambda attempt: _unregistered(checks[attempt]), attempts)))
-    return {attempt: [needed.what for needed in checks[attempt].needed if not present[needed]]
-            + unregistered[attempt] for attempt in attempts}
+        unregistered = dict(zip(checks, pool.map(_unregistered, checks.values())))
+    return {attempt: [needed.what for needed in files.needed if not present[needed]] + unregistered[attempt]
+            for attempt, files in checks.items()}
 
 
 def _mark_lost(conn: psycopg.Connection[Any], attempt: _Attempt, reasons: list[str]) -> None:

@@ -20,7 +20,7 @@ def leftovers(service: Service, processes: list[procs.ProcInfo] | None = None) -
 def stop(service: Service, pid: int | None, pgdata: Path) -> None:
     """Stop one service the way that works for it, then prove nothing of it is left.
 
-    With `pid` None: what is left of a service whose recorded process died (see _leftovers).
+    With `pid` None: what is left of a service whose recorded process died (see `leftovers`).
     """
     table = procs.all_processes()
     tree = procs.descendants(pid, table) if pid is not None else []
