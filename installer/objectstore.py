@@ -32,6 +32,9 @@ inside this module, which adds what the stack needs around it:
   Content-Length (a client or proxy that went away mid-upload) is refused rather
   than stored truncated; a signed `x-amz-content-sha256`, `Content-MD5` and
   `x-amz-checksum-crc32/sha1/sha256` (header or aws-chunked trailer) must match.
+- An object written empty gets a hidden marker beside it; an empty file without one is an upload
+  Drive tore (its name arrived without its content) and reads as absent, so the next write of
+  that content-addressed object replaces it instead of being skipped.
 - A request body may not exceed --max-body (LocalBucket holds one in memory;
   Metaflow uploads anything above 8 MiB in 8 MiB parts).
 - The bucket named by --bucket exists once the store answers.
@@ -79,7 +82,7 @@ from .s3auth import (
 )
 
 __all__ = ["BUCKET", "DATA_ROOT_PREFIX", "DEFAULT_MAX_BODY", "PROXY_PREFIX", "StoreConfig",
-           "datastore_root", "empty_marker", "main", "objectstore_service_argv", "serve", "socket_path", "store_answers",
+           "datastore_root", "empty_marker", "holds_object", "main", "objectstore_service_argv", "serve", "socket_path", "store_answers",
            "ui_backend_env"]
 
 log = logging.getLogger("installer.objectstore")
@@ -101,6 +104,18 @@ _EMPTY_MARKER_PREFIX = localbucket.TEMP_PREFIX + "empty--"
 def empty_marker(path: Path) -> Path:
     """The marker that says the object at `path` was written empty."""
     return path.with_name(_EMPTY_MARKER_PREFIX + path.name)
+
+
+def holds_object(path: Path) -> bool:
+    """Whether the file at `path` holds an object as it was written: some content, or none with its
+    marker. An empty file without the marker is a torn upload and counts as absent, here and in the
+    store: Metaflow writes content-addressed objects only when they are absent, so a torn one served
+    as present would fail every later run that produces the same content."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (info.st_size > 0 or empty_marker(path).exists())
 
 
 def datastore_root() -> str:
@@ -369,9 +384,31 @@ class _Handler(localbucket.S3Handler):
             self._send_error(localbucket.S3Error(HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError",
                                                  "the store could not complete this request"))
 
+    # A torn object (see holds_object) reads as absent: no HEAD, GET, copy or listing shows it, and a
+    # write that requires the key to be absent replaces it.
+    def _get(self, bucket: str, key: str, include_body: bool) -> None:
+        if bucket and key:
+            self._refuse_torn(self._object_path(bucket, key))
+        super()._get(bucket, key, include_body)
+
+    def _copy_source(self) -> Path:
+        return self._refuse_torn(super()._copy_source())
+
+    def _list_entries(self, *args: object, **kwargs: object) -> tuple[list[tuple[str, Path]], list[str], bool, str]:
+        contents, prefixes, truncated, last = super()._list_entries(*args, **kwargs)
+        return [(key, path) for key, path in contents if holds_object(path)], prefixes, truncated, last
+
+    @staticmethod
+    def _refuse_torn(path: Path) -> Path:
+        if path.is_file() and not holds_object(path):
+            raise localbucket.S3Error(HTTPStatus.NOT_FOUND, "NoSuchKey", "The specified key does not exist.")
+        return path
+
     def _write_object(self, bucket: str, key: str, write: Callable[[BinaryIO], str]) -> str:
-        etag = super()._write_object(bucket, key, write)  # a refused write (412) leaves the marker as it was
         target = self._object_path(bucket, key)
+        if target.is_file() and not holds_object(target):
+            target.unlink(missing_ok=True)
+        etag = super()._write_object(bucket, key, write)  # a refused write (412) leaves the marker as it was
         marker = empty_marker(target)
         if target.stat().st_size > 0:
             marker.unlink(missing_ok=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from .objectstore import empty_marker
+from .objectstore import holds_object
 
 WINDOW_S = 600.0
 LOST_FIELD = "mfstack-data-lost"
@@ -214,14 +214,7 @@ def _files_of(conn: psycopg.Connection[Any], attempt: _Attempt, objects_dir: Pat
 
 
 def _present(needed: _Needed) -> bool:
-    for path in needed.paths:
-        try:
-            size = path.stat().st_size
-        except OSError:
-            continue
-        if size > 0 or empty_marker(path).exists():
-            return True
-    return False
+    return any(holds_object(path) for path in needed.paths)
 
 
 def _unregistered(files: _TaskFiles) -> list[str]:

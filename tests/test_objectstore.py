@@ -289,6 +289,26 @@ def test_an_object_written_empty_has_a_hidden_marker_that_follows_its_content(sh
     assert not stored.exists() and not empty_marker(stored).exists()
 
 
+def test_an_empty_file_without_its_marker_reads_as_absent_until_written_again(shared: S3Stack) -> None:
+    """A torn object (Drive delivered its name, not its content) is absent to every operation, so a
+    client that writes only absent objects (Metaflow's content-addressed store) writes it again."""
+    client = _good(shared)
+    key, content = "torn/0123abcd", b"the content Drive lost"
+    client.put_object(Bucket=BUCKET, Key=key, Body=content)
+    stored = _stored(shared, key)
+    stored.write_bytes(b"")  # what a runtime that died leaves on Google
+    assert _code(lambda: client.head_object(Bucket=BUCKET, Key=key))[0] == 404
+    assert _code(lambda: client.get_object(Bucket=BUCKET, Key=key))[0] == 404
+    assert _code(lambda: client.copy_object(Bucket=BUCKET, Key="torn/copy",
+                                            CopySource={"Bucket": BUCKET, "Key": key}))[0] == 404
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET, Prefix="torn/")
+    client.put_object(Bucket=BUCKET, Key=key, Body=content, IfNoneMatch="*")
+    assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == content
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="torn/")["Contents"]] == [key]
+    assert _code(lambda: client.put_object(Bucket=BUCKET, Key=key, Body=b"x", IfNoneMatch="*"))[0] == 412
+    client.delete_object(Bucket=BUCKET, Key=key)
+
+
 def test_health_says_degraded_while_the_store_is_down_and_s3_gets_502(own: S3Stack) -> None:
     assert requests.get(f"{own.url}/healthz", timeout=10).json() == {"status": "ok", "ui": "ready"}
     own.store.stop()

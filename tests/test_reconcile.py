@@ -134,8 +134,18 @@ def test_runs_whose_objects_were_lost_are_shown_failed_by_client_and_ui_alike(st
         assert all((bucket / "data" / row[0][:2] / row[0]).is_file() for row in left)
         assert lost_rows == 5  # the second run's torn part task and its end task; the end task of each other
 
+        # A content-addressed object Drive tore (its name arrived, its content did not) is written again
+        # by the next run that produces the same content: Metaflow writes only objects the store says
+        # are absent, so a torn one served as present would fail every foreach run from then on.
+        with psycopg.connect(dsn(settings, password)) as conn:
+            items_sha = conn.execute("SELECT sha FROM artifact_v3 WHERE flow_id = 'StampFlow' AND name = 'items'"
+                                     " LIMIT 1").fetchone()[0]
+        torn_items = bucket / "data" / items_sha[:2] / items_sha
+        torn_items.write_bytes(b"")
+
         # New runs get new ids and finish.
         after = run_id_of(run_flow("stamp_flow.py", env, client))
         assert int(after) > max(int(run) for run in (whole, torn_artifact, torn_log, emptied_log, unregistered))
+        assert torn_items.stat().st_size > 0 and not empty_marker(torn_items).exists()
     finally:
         installer.down(**restored)
