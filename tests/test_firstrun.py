@@ -94,8 +94,11 @@ def test_a_failing_start_stops_only_what_this_up_started(stack: dict) -> None:
     with pytest.raises(ServiceFailed) as caught:  # too short for the UI backend to answer
         installer.up(**{**stack, "start_timeout": "0.1", "wait_ui": True})
     text = str(caught.value)
-    assert "the UI backend did not become healthy within 0 s" in text
-    assert f"last lines of {resolve(stack).log_path('ui-backend')}" in text
+    # The UI backend never answers that fast; on a busy machine the entry point may miss it first.
+    failed = {"the UI backend": "ui-backend", "the entry point (reverse proxy)": "proxy"}
+    named = [service for words, service in failed.items() if f"{words} did not become healthy within 0 s" in text]
+    assert len(named) == 1, text
+    assert f"last lines of {resolve(stack).log_path(named[0])}" in text
     # The entry point starts beside the UI backend (both wait only for PostgreSQL and the object store).
     assert ("`up` stopped what it had started (proxy, ui-backend); still running from before this `up`: "
             "postgres, metadata, objectstore, snapshots (`python -m installer down` stops them); "
