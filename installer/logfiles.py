@@ -79,7 +79,7 @@ def tend(live_dir: Path, logs_dir: Path, max_mb: int, only_large: bool = False) 
     except OSError:
         return {}
     for service in names:
-        if only_large and _size(live_dir / f"{service}.log") < bounds.rotate_at:
+        if only_large and size(live_dir / f"{service}.log") < bounds.rotate_at:
             continue
         copied[service] = tend_one(live_dir / f"{service}.log", copies_dir(logs_dir, service), bounds)
     return copied
@@ -161,7 +161,7 @@ def _append(dest: Path, data: bytes, bounds: Limits) -> None:
         data = data[-bounds.cap:]  # more than the folder may hold: keep the newest
     existing = segments(dest)
     number = int(existing[-1].name[:6]) if existing else 0  # numbers go on rising after a prune
-    sizes = {path: _size(path) for path in existing}
+    sizes = {path: size(path) for path in existing}
     while existing and sum(sizes.values()) + len(data) > bounds.cap:
         oldest = existing.pop(0)
         oldest.unlink(missing_ok=True)
@@ -178,7 +178,8 @@ def _append(dest: Path, data: bytes, bounds: Limits) -> None:
         room -= len(piece)
 
 
-def _size(path: Path) -> int:
+def size(path: Path) -> int:
+    """Bytes in a file, 0 if it is not there (a log not yet written, or a copy just pruned)."""
     try:
         return path.stat().st_size
     except OSError:

@@ -31,7 +31,7 @@ from .services import (DB_NAME, Hooks, Progress, Secrets, Service, define, dsn,
 from .settings import IMAGE_SOURCE, Settings, clear_saved, saved_in_use, saved_settings_file
 from .settings import save as save_settings
 from .stackstatus import StackStatus, collect
-from .startwatch import StartWatch, Wave, log_size, start_wave
+from .startwatch import StartWatch, Wave, start_wave
 from .stopping import leftovers, stop
 
 
@@ -393,7 +393,7 @@ def _start(stack: _Stack, service: Service, progress: Progress, started: list[Se
         check_port(settings, service)
         _prepare_files(service)
         log_path = settings.log_path(service.name)
-        offset = log_size(log_path)
+        offset = logfiles.size(log_path)
         pid = procs.spawn(service.argv, log_path=log_path, env={**stack.udocker.env, **service.env})
         state.record(settings, service.name, pid)
         if started is not None:
@@ -463,7 +463,7 @@ def _await_ui(stack: _Stack) -> None:
         pid = state.live_pid(stack.settings, service.name)
         if service.name == "ui-backend" and pid is not None:
             log_path = stack.settings.log_path(service.name)
-            _wait_healthy(stack.settings, StartWatch(service, pid, log_path, log_size(log_path),
+            _wait_healthy(stack.settings, StartWatch(service, pid, log_path, logfiles.size(log_path),
                                                      lambda s=service: port_hint(stack.settings, s)))
 
 

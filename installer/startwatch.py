@@ -94,13 +94,6 @@ class StartWatch:
             return ""
 
 
-def log_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 @dataclass
 class Wave:
     """Services started side by side: the first failure ends every wait of its wave."""
